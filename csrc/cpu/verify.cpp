@@ -1,0 +1,295 @@
+// Tree verification on the CPU: greedy (argmax match), lossless multi-round
+// rejection sampling for deterministic top-k drafts, and chain speculative
+// sampling for stochastic drafts. Semantics are documented once, in
+// csrc/include/vispec/launchers.h; the CUDA kernels implement the same ones.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include "common.h"
+#include "validate.h"
+
+namespace vispec {
+namespace cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------
+// Greedy
+// ---------------------------------------------------------------------------
+template <typename T>
+void verify_greedy_kernel(const at::Tensor& logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
+                          at::Tensor& path, at::Tensor& alen, at::Tensor& bonus) {
+  const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2), P = path.size(1);
+  const T* lg = logits.data_ptr<T>();
+  std::vector<int64_t> amax(B * N);
+  // Every row's argmax first (one pass over the logits), then the cheap walk.
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) amax[r] = argmax_row(lg + r * V, V);
+  });
+  const int64_t* tok = draft_tokens.data_ptr<int64_t>();
+  const int64_t* par = parents.data_ptr<int64_t>();
+  int64_t* pp = path.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t cur = 0, n_acc = 0;
+    pp[b * P] = 0;
+    while (n_acc < P - 1) {
+      const int64_t want = amax[b * N + cur];
+      int64_t next = -1;
+      for (int64_t j = cur + 1; j < N; ++j) {
+        if (par[b * N + j] == cur && tok[b * N + j] == want) {
+          next = j;  // the first matching sibling wins; later duplicates are never needed
+          break;
+        }
+      }
+      if (next < 0) break;
+      pp[b * P + ++n_acc] = next;
+      cur = next;
+    }
+    for (int64_t i = n_acc + 1; i < P; ++i) pp[b * P + i] = -1;
+    alen.data_ptr<int64_t>()[b] = n_acc;
+    bonus.data_ptr<int64_t>()[b] = amax[b * N + cur];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& target_logits,
+                                                                 const at::Tensor& draft_tokens,
+                                                                 const at::Tensor& parents, int64_t max_accept) {
+  check_verify(target_logits, draft_tokens, parents, max_accept);
+  check_verify_values(draft_tokens, parents, target_logits.size(2));
+  const int64_t B = target_logits.size(0);
+  auto opts = draft_tokens.options();
+  at::Tensor path = at::empty({B, max_accept + 1}, opts), alen = at::empty({B}, opts), bonus = at::empty({B}, opts);
+  dispatch_float(target_logits.scalar_type(), "verify_greedy", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    verify_greedy_kernel<T>(target_logits, draft_tokens, parents, path, alen, bonus);
+  });
+  return {path, alen, bonus};
+}
+
+// ---------------------------------------------------------------------------
+// Processed target distribution of one node (temperature, top-k, top-p)
+// ---------------------------------------------------------------------------
+// p(x) = [s_x >= thr] * exp(s_x - max) / Z with s = logit / temperature; the
+// scalars (max, thr, Z) describe it completely, as in the CUDA kernel.
+struct NodeDist {
+  std::vector<float> s, sorted;
+  float max = kNegInf, thr = kNegInf;
+  double Z = 0.0;
+  bool valid = false;  // false when no logit is finite (NaN or -inf everywhere)
+
+  template <typename T>
+  void build(const T* row, int64_t V, float temperature, int64_t top_k, double top_p) {
+    s.resize(V);
+    for (int64_t x = 0; x < V; ++x) {
+      const float v = static_cast<float>(row[x]) / temperature;  // division, as HF's temperature warper
+      s[x] = std::isnan(v) ? kNegInf : v;
+    }
+    sorted = s;
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    max = sorted[0];
+    valid = max > kNegInf && std::isfinite(max);
+    if (!valid) return;
+    // top-k keeps x iff fewer than k tokens score strictly higher: ties at the k-th value all stay.
+    thr = (top_k > 0 && top_k < V) ? sorted[top_k - 1] : kNegInf;
+    if (top_p < 1.0) {
+      double zk = 0.0;
+      for (int64_t i = 0; i < V && sorted[i] >= thr; ++i) zk += std::exp(double(sorted[i]) - max);
+      // top-p keeps x iff the mass strictly above x is < top_p (HF: ascending cumsum > 1 - top_p).
+      double above = 0.0;
+      float last_kept = sorted[0];
+      for (int64_t i = 0; i < V && sorted[i] >= thr;) {
+        if (above >= top_p) break;
+        const float v = sorted[i];
+        last_kept = v;
+        int64_t j = i;
+        while (j < V && sorted[j] == v) ++j;
+        above += double(j - i) * std::exp(double(v) - max) / zk;
+        i = j;
+      }
+      thr = std::max(thr, last_kept);
+    }
+    Z = 0.0;
+    for (int64_t i = 0; i < V && sorted[i] >= thr; ++i) Z += std::exp(double(sorted[i]) - max);
+  }
+
+  double prob(int64_t x) const {
+    if (!valid || x < 0 || x >= static_cast<int64_t>(s.size()) || s[x] < thr) return 0.0;
+    return std::exp(double(s[x]) - max) / Z;
+  }
+};
+
+// First token in index order whose running sum of r exceeds u * sum(r), among
+// tokens with r > 0; nullopt-like -1 when r is zero everywhere.
+template <typename R>
+int64_t sample_inverse_cdf(int64_t V, double u, R&& r) {
+  double total = 0.0;
+  for (int64_t x = 0; x < V; ++x) total += r(x);
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double cum = 0.0;
+  int64_t last_pos = -1;
+  for (int64_t x = 0; x < V; ++x) {
+    const double w = r(x);
+    if (w <= 0.0) continue;
+    cum += w;
+    last_pos = x;
+    if (cum > target) return x;  // strict: u = 0 never lands on a zero-probability token
+  }
+  return last_pos;  // rounding left the target just above the sum
+}
+
+template <typename T>
+void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
+                            const at::Tensor& uniforms, float temperature, int64_t top_k, double top_p,
+                            at::Tensor& path, at::Tensor& alen, at::Tensor& bonus) {
+  const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2), P = path.size(1);
+  const T* lg = logits.data_ptr<T>();
+  const int64_t* tok = draft_tokens.data_ptr<int64_t>();
+  const int64_t* par = parents.data_ptr<int64_t>();
+  const double* uni = uniforms.data_ptr<double>();
+  int64_t* pp = path.data_ptr<int64_t>();
+  int64_t* al = alen.data_ptr<int64_t>();
+  int64_t* bo = bonus.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    NodeDist dist;
+    std::vector<int64_t> rejected;
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t cur = 0, n_acc = 0;
+      pp[b * P] = 0;
+      dist.build(lg + (b * N) * V, V, temperature, top_k, top_p);
+      rejected.clear();
+      while (dist.valid && n_acc < P - 1) {
+        double mass = 1.0;  // probability left after zeroing the rejected siblings
+        int64_t next = -1;
+        for (int64_t j = cur + 1; j < N; ++j) {
+          if (par[b * N + j] != cur) continue;
+          const int64_t t = tok[b * N + j];
+          const bool seen = std::find(rejected.begin(), rejected.end(), t) != rejected.end();
+          const double p = seen ? 0.0 : dist.prob(t);
+          // Accept with probability p / mass (the residual-renormalised target); strict, so p = 0 never passes.
+          if (uni[b * N + j] * mass < p) {
+            next = j;
+            break;
+          }
+          mass -= p;
+          rejected.push_back(t);
+        }
+        if (next < 0) break;
+        pp[b * P + ++n_acc] = next;
+        cur = next;
+        rejected.clear();
+        dist.build(lg + (b * N + cur) * V, V, temperature, top_k, top_p);
+      }
+      for (int64_t i = n_acc + 1; i < P; ++i) pp[b * P + i] = -1;
+      al[b] = n_acc;
+      if (!dist.valid) {
+        bo[b] = 0;  // no finite logit at this node: nothing can be sampled
+        continue;
+      }
+      auto residual = [&](int64_t x) {
+        return std::find(rejected.begin(), rejected.end(), x) != rejected.end() ? 0.0 : dist.prob(x);
+      };
+      // The bonus uses its own uniform (slot 0: the root is never tested), never a reused acceptance coin.
+      int64_t x = sample_inverse_cdf(V, uni[b * N], residual);
+      if (x < 0) x = argmax_row(dist.s.data(), V);  // all mass rejected through rounding: fall back
+      bo[b] = x;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(const at::Tensor& target_logits,
+                                                                   const at::Tensor& draft_tokens,
+                                                                   const at::Tensor& parents,
+                                                                   const at::Tensor& uniforms, double temperature,
+                                                                   int64_t top_k, double top_p, int64_t max_accept) {
+  check_verify(target_logits, draft_tokens, parents, max_accept);
+  const int64_t B = target_logits.size(0), N = target_logits.size(1);
+  check_uniforms(uniforms, target_logits, B, N);
+  check_sampling_params(temperature, top_k, top_p);
+  check_verify_values(draft_tokens, parents, target_logits.size(2));
+  check_uniform_values(uniforms);
+  auto opts = draft_tokens.options();
+  at::Tensor path = at::empty({B, max_accept + 1}, opts), alen = at::empty({B}, opts), bonus = at::empty({B}, opts);
+  dispatch_float(target_logits.scalar_type(), "verify_sampling", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    verify_sampling_kernel<T>(target_logits, draft_tokens, parents, uniforms, static_cast<float>(temperature), top_k,
+                              top_p, path, alen, bonus);
+  });
+  return {path, alen, bonus};
+}
+
+// ---------------------------------------------------------------------------
+// Chain speculative sampling (stochastic drafts)
+// ---------------------------------------------------------------------------
+template <typename T>
+void chain_kernel(const at::Tensor& draft_probs, const at::Tensor& draft_tokens, const at::Tensor& target_probs,
+                  const at::Tensor& uniforms, at::Tensor& tokens, at::Tensor& alen) {
+  const int64_t B = draft_probs.size(0), K = draft_probs.size(1), V = draft_probs.size(2);
+  const T* qp = draft_probs.data_ptr<T>();
+  const T* pp = target_probs.data_ptr<T>();
+  const int64_t* dt = draft_tokens.data_ptr<int64_t>();
+  const double* uni = uniforms.data_ptr<double>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t i = 0;
+      for (; i < K; ++i) {
+        const int64_t x = dt[b * K + i];
+        const double q = double(qp[(b * K + i) * V + x]);
+        const double p = double(pp[(b * (K + 1) + i) * V + x]);
+        // Accept with probability min(1, p / q): q <= p always accepts, p = 0 never does.
+        if (!(uni[b * (K + 1) + i] * q < p)) break;
+        out[b * (K + 1) + i] = x;
+      }
+      const T* prow = pp + (b * (K + 1) + i) * V;
+      const double u = uni[b * (K + 1) + K];  // a fresh uniform, not the rejected token's coin
+      int64_t x = -1;
+      if (i < K) {
+        const T* qrow = qp + (b * K + i) * V;
+        x = sample_inverse_cdf(V, u, [&](int64_t y) { return std::max(double(prow[y]) - double(qrow[y]), 0.0); });
+      }
+      if (x < 0) x = sample_inverse_cdf(V, u, [&](int64_t y) { return std::max(double(prow[y]), 0.0); });
+      if (x < 0) x = dt[b * K + std::min(i, K - 1)];  // target row is all zeros: nothing better exists
+      out[b * (K + 1) + i] = x;
+      for (int64_t j = i + 1; j <= K; ++j) out[b * (K + 1) + j] = -1;
+      alen.data_ptr<int64_t>()[b] = i;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> chain_speculative_sampling_cpu(const at::Tensor& draft_probs,
+                                                                  const at::Tensor& draft_tokens,
+                                                                  const at::Tensor& target_probs,
+                                                                  const at::Tensor& uniforms) {
+  check_chain(draft_probs, draft_tokens, target_probs);
+  const int64_t B = draft_probs.size(0), K = draft_probs.size(1), V = draft_probs.size(2);
+  check_uniforms(uniforms, draft_probs, B, K + 1);
+  check_uniform_values(uniforms);
+  const int64_t* dt = draft_tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * K; ++i) {
+    TORCH_CHECK(dt[i] >= 0 && dt[i] < V, "draft_tokens[", i / K, ", ", i % K, "]=", dt[i],
+                " is outside the vocabulary [0, ", V, ")");
+  }
+  auto opts = draft_tokens.options();
+  at::Tensor tokens = at::empty({B, K + 1}, opts), alen = at::empty({B}, opts);
+  dispatch_float(draft_probs.scalar_type(), "chain_speculative_sampling", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    chain_kernel<T>(draft_probs, draft_tokens, target_probs, uniforms, tokens, alen);
+  });
+  return {tokens, alen};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vispec
+
+TORCH_LIBRARY_IMPL(vispec, CPU, m) {
+  m.impl("verify_greedy", &vispec::cpu::verify_greedy_cpu);
+  m.impl("verify_sampling", &vispec::cpu::verify_sampling_cpu);
+  m.impl("chain_speculative_sampling", &vispec::cpu::chain_speculative_sampling_cpu);
+}
