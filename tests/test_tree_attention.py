@@ -1,0 +1,125 @@
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import poison_allocator, random_tree
+from vispec import ops
+from vispec.reference import tree_attention_ref
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def make_inputs(b, n, hq, hkv, d, prefix_lens, dtype, device, gen, shared_mask=False, tree_shaped=True, slack=3):
+    s_max = max(prefix_lens) + n + slack
+    q = torch.randn(b, n, hq, d, generator=gen).to(dtype)
+    # caches as strided views of a larger buffer, like one layer of a static cache
+    k_buf = torch.randn(b, hkv, s_max + 5, d, generator=gen).to(dtype)
+    v_buf = torch.randn(b, hkv, s_max + 5, d, generator=gen).to(dtype)
+    k, v = k_buf[:, :, :s_max], v_buf[:, :, :s_max]
+    lens = torch.tensor(prefix_lens, dtype=torch.int64)
+    bm = 1 if shared_mask else b
+    if tree_shaped:
+        parents = torch.stack([random_tree(n, gen) for _ in range(bm)])
+        mask = ops.tree_mask_from_parents(parents)
+    else:  # arbitrary masks exercise every bit position, diagonal kept
+        mask = (torch.rand(bm, n, n, generator=gen) < 0.5) | torch.eye(n, dtype=torch.bool)
+    return [t.to(device) for t in (q, k, v, lens, mask)]
+
+
+def check(q, k, v, lens, mask, device):
+    b, n, hq, d = q.shape
+    poison_allocator(q.numel() * q.element_size() * 4, device)
+    out, lse = ops.tree_attention(q, k, v, lens, mask, return_lse=True)
+    ref_out, ref_lse = tree_attention_ref(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    assert out.shape == (b, n, hq, d) and out.dtype == q.dtype and lse.shape == (b, n, hq)
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-3 if q.dtype != torch.float32 else 1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d",
+    [(4, 4, 64), (8, 2, 128), (7, 1, 80), (28, 4, 96), (4, 2, 256)],
+    ids=["mha-d64", "gqa4-d128", "gqa7-d80", "qwen-d96", "gqa2-d256"],
+)
+@pytest.mark.parametrize("n", [1, 7, 33, 64])
+def test_matches_reference(device, dtype, hq, hkv, d, n):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, hq, hkv, d, n)).encode()))
+    lens = [0, 5, 300][: 3 if n < 64 else 2]
+    check(*make_inputs(len(lens), n, hq, hkv, d, lens, dtype, device, gen), device)
+
+
+@pytest.mark.parametrize("prefix", [1024, 4096])
+def test_long_prefix(device, prefix):
+    gen = torch.Generator().manual_seed(prefix)
+    # Rows of very different lengths in one batch, as after a few decode steps.
+    check(*make_inputs(2, 30, 8, 2, 128, [prefix, 17], torch.bfloat16, device, gen), device)
+
+
+@pytest.mark.parametrize("shared_mask", [True, False])
+def test_arbitrary_masks_and_sharing(device, shared_mask):
+    gen = torch.Generator().manual_seed(7)
+    check(
+        *make_inputs(3, 45, 4, 4, 64, [10, 0, 77], torch.float32, device, gen, shared_mask=shared_mask, tree_shaped=False),
+        device,
+    )
+
+
+def test_odd_head_dim_cpu():
+    # The CPU kernel takes any head dim.
+    gen = torch.Generator().manual_seed(3)
+    check(*make_inputs(2, 9, 6, 3, 72, [4, 40], torch.float32, "cpu", gen), "cpu")
+
+
+def test_tree_without_prefix_is_causal_attention(device):
+    # A chain tree over an empty prefix is ordinary causal attention: compare with SDPA.
+    gen = torch.Generator().manual_seed(11)
+    n, h, d = 16, 4, 64
+    q = torch.randn(1, n, h, d, generator=gen)
+    k = torch.randn(1, h, n, d, generator=gen)
+    v = torch.randn(1, h, n, d, generator=gen)
+    parents = torch.arange(-1, n - 1).unsqueeze(0)
+    mask = ops.tree_mask_from_parents(parents)
+    out = ops.tree_attention(q.to(device), k.to(device), v.to(device), torch.zeros(1, dtype=torch.int64, device=device), mask.to(device))
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_seeing_nothing_gives_zero_not_nan(device):
+    q = torch.randn(1, 2, 2, 64, device=device)
+    k = torch.randn(1, 2, 4, 64, device=device)
+    v = torch.randn(1, 2, 4, 64, device=device)
+    mask = torch.tensor([[[True, False], [False, False]]], device=device)  # node 1 sees nothing
+    out, lse = ops.tree_attention(q, k, v, torch.zeros(1, dtype=torch.int64, device=device), mask, return_lse=True)
+    assert torch.all(out[0, 1] == 0) and torch.all(torch.isneginf(lse[0, 1]))
+    assert torch.isfinite(out).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_mask_from_parents_is_ancestor_relation(n, seed):
+    parents = random_tree(n, torch.Generator().manual_seed(seed)).unsqueeze(0)
+    mask = ops.tree_mask_from_parents(parents)[0]
+    for i in range(n):
+        anc, j = set(), i
+        while j >= 0:
+            anc.add(j)
+            j = int(parents[0, j])
+        assert set(torch.nonzero(mask[i]).flatten().tolist()) == anc
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 100), seed=st.integers(0, 2**31 - 1))
+def test_pack_tree_mask_bits(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, n, n, generator=gen) < 0.5
+    packed = ops.pack_tree_mask(mask)
+    assert packed.shape == (2, n, (n + 31) // 32) and packed.dtype == torch.int32
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    bits = (words.unsqueeze(-1) >> torch.arange(32)) & 1
+    unpacked = bits.reshape(2, n, -1)[..., :n].bool()
+    assert torch.equal(unpacked, mask)
