@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -22,20 +23,38 @@ void dispatch_float(at::ScalarType t, const char* name, F&& f) {
 }
 
 // torch.argmax semantics: first maximum, a NaN beats every number (first NaN wins).
+// Chunks are converted to fp32 and reduced with branch-free loops the compiler
+// vectorises; only a chunk that improves the maximum is searched for its index.
 template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
-  int64_t best = 0;
-  float bv = static_cast<float>(x[0]);
-  if (std::isnan(bv)) return 0;
-  for (int64_t i = 1; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    if (std::isnan(v)) return i;
-    if (v > bv) {
-      bv = v;
-      best = i;
+  constexpr int64_t kChunk = 512;
+  float buf[kChunk];
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_i = -1;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - c0);
+    for (int64_t i = 0; i < m; ++i) buf[i] = static_cast<float>(x[c0 + i]);
+    float cm = -std::numeric_limits<float>::infinity();
+    int nan = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      cm = buf[i] > cm ? buf[i] : cm;
+      nan |= buf[i] != buf[i];
+    }
+    if (nan) {
+      for (int64_t i = 0; i < m; ++i)
+        if (buf[i] != buf[i]) return c0 + i;
+    }
+    if (best_i < 0 || cm > best) {
+      for (int64_t i = 0; i < m; ++i) {
+        if (buf[i] == cm) {
+          best_i = c0 + i;
+          break;
+        }
+      }
+      best = cm;
     }
   }
-  return best;
+  return best_i < 0 ? 0 : best_i;
 }
 
 }  // namespace cpu

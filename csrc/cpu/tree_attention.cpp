@@ -1,12 +1,13 @@
 // Tree attention on the CPU: one task per (batch row, kv head, block of query
-// rows). Each task streams the visible K/V positions once in tiles, converting
-// them to fp32, and keeps an online softmax per query row (like flash attention),
-// so memory stays O(tile) whatever the prefix length.
+// rows). All the query heads that share a kv head are stacked into one matrix, so
+// each K/V tile is read once and both products run as BLAS GEMMs; an online
+// softmax (as in flash attention) keeps memory at one tile whatever the prefix.
+// The tree mask is applied only on the tiles that hold tree positions.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstring>
 
 #include "common.h"
 #include "validate.h"
@@ -15,113 +16,80 @@ namespace vispec {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 128;      // keys per tile
-constexpr int64_t kRowBlock = 32;   // query rows (node, head) per task
+// Keys per tile: about 64k scores per tile, so that few query rows (plain MHA,
+// small trees) still get large GEMMs and few op calls.
+int64_t tile_keys(int64_t rows) { return std::clamp<int64_t>(65536 / std::max<int64_t>(rows, 1), 256, 4096); }
 
-template <typename T>
 void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& cache_lens, const at::Tensor& tree_mask, float scale, at::Tensor& out,
-                           float* lse) {
+                           at::Tensor& lse) {
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1);
-  const int64_t G = Hq / Hkv;         // query heads per kv head
-  const int64_t R = N * G;            // query rows sharing one kv head
-  const int64_t row_blocks = (R + kRowBlock - 1) / kRowBlock;
+  const int64_t G = Hq / Hkv;  // query heads per kv head
+  const int64_t R = N * G;     // query rows sharing one kv head: row r <-> (node r / G, head hk * G + r % G)
+  // Enough tasks to keep every thread busy, but as few row splits as possible (each re-reads K/V).
+  const int64_t splits = std::min<int64_t>(R, (at::get_num_threads() + B * Hkv - 1) / (B * Hkv));
+  const int64_t rows_per = (R + splits - 1) / splits;
   const int64_t W = tree_mask.size(2);
   const int64_t mask_bstride = tree_mask.size(0) == 1 ? 0 : N * W;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
-  T* op = out.data_ptr<T>();
   const int64_t* lens = cache_lens.data_ptr<int64_t>();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(tree_mask.data_ptr<int32_t>());
-  const int64_t ksb = k_cache.stride(0), ksh = k_cache.stride(1), kss = k_cache.stride(2);
-  const int64_t vsb = v_cache.stride(0), vsh = v_cache.stride(1), vss = v_cache.stride(2);
+  // (B, N, Hq, D) -> (B, Hkv, N*G, D) view: row r of kv head hk is (n = r / G, h = hk*G + r % G).
+  const at::Tensor qv = q.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4}).reshape({B, Hkv, R, D});
+  const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, B * Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kRowBlock * D), acc(kRowBlock * D), kf(kTile * D), vf(kTile * D);
-    std::vector<float> scores(kRowBlock * kTile), row_max(kRowBlock), row_sum(kRowBlock);
-    std::vector<int64_t> tile_pos(kTile);
+  at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t rb = task % row_blocks;
-      const int64_t hk = (task / row_blocks) % Hkv;
-      const int64_t b = task / (row_blocks * Hkv);
-      const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, R - r0);
+      const int64_t sp = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
+      const int64_t r0 = sp * rows_per, nr = std::min(rows_per, R - r0);
+      if (nr <= 0) continue;
       const int64_t L = lens[b];
-      // Row r <-> (node n = r / G, q head hk * G + r % G).
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t n = (r0 + r) / G, h = hk * G + (r0 + r) % G;
-        const T* src = qp + ((b * N + n) * Hq + h) * D;
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
-      std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      const T* kb = kp + b * ksb + hk * ksh;
-      const T* vb = vp + b * vsb + hk * vsh;
+      // Out of place: for fp32 inputs .to() returns a view of q, which must not change.
+      const at::Tensor qf = qv[b][hk].narrow(0, r0, nr).to(at::kFloat).mul(scale);  // (nr, D)
+      const at::Tensor kb = k_cache[b][hk], vb = v_cache[b][hk];                     // (S_max, D)
+      at::Tensor acc = at::zeros({nr, D}, qf.options());
+      at::Tensor m = at::full({nr}, neg_inf, qf.options());
+      at::Tensor l = at::zeros({nr}, qf.options());
       const uint32_t* mrow = mask + b * mask_bstride;
-
-      // Keys: prefix positions 0..L-1 (all visible), then the N tree positions.
-      for (int64_t t0 = 0; t0 < L + N; t0 += kTile) {
-        const int64_t nt = std::min(kTile, L + N - t0);
-        for (int64_t t = 0; t < nt; ++t) {
-          const int64_t pos = t0 + t;
-          const T* ks = kb + pos * kss;
-          const T* vs = vb + pos * vss;
-          for (int64_t d = 0; d < D; ++d) {
-            kf[t * D + d] = static_cast<float>(ks[d]);
-            vf[t * D + d] = static_cast<float>(vs[d]);
+      const int64_t tile = tile_keys(nr);
+      for (int64_t t0 = 0; t0 < L + N; t0 += tile) {
+        const int64_t nt = std::min(tile, L + N - t0);
+        const at::Tensor kf = kb.narrow(0, t0, nt).to(at::kFloat);
+        const at::Tensor vf = vb.narrow(0, t0, nt).to(at::kFloat);
+        at::Tensor s = at::mm(qf, kf.t());  // (nr, nt) scaled scores
+        if (t0 + nt > L) {  // this tile holds tree positions: apply the mask there only
+          float* sp_ = s.data_ptr<float>();
+          for (int64_t t = std::max<int64_t>(0, L - t0); t < nt; ++t) {
+            const int64_t j = t0 + t - L;  // tree node of this key
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t n = (r0 + r) / G;
+              if (!((mrow[n * W + j / 32] >> (j % 32)) & 1u)) sp_[r * nt + t] = neg_inf;
+            }
           }
         }
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t n = (r0 + r) / G;
-          const float* qr = &qf[r * D];
-          float tile_max = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < nt; ++t) {
-            const int64_t pos = t0 + t;
-            bool visible = pos < L;
-            if (!visible) {
-              const int64_t j = pos - L;  // tree node j: visible per mask bit
-              visible = (mrow[n * W + j / 32] >> (j % 32)) & 1u;
-            }
-            float s = -std::numeric_limits<float>::infinity();
-            if (visible) {
-              const float* kr = &kf[t * D];
-              float dot = 0.f;
-              for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
-              s = dot;
-            }
-            scores[r * kTile + t] = s;
-            tile_max = std::max(tile_max, s);
-          }
-          if (tile_max == -std::numeric_limits<float>::infinity()) continue;  // nothing visible in this tile
-          const float new_max = std::max(row_max[r], tile_max);
-          const float correction = std::exp(row_max[r] - new_max);  // exp(-inf) = 0 on the first tile
-          float* ar = &acc[r * D];
-          for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
-          float sum = row_sum[r] * correction;
-          for (int64_t t = 0; t < nt; ++t) {
-            const float s = scores[r * kTile + t];
-            if (s == -std::numeric_limits<float>::infinity()) continue;
-            const float p = std::exp(s - new_max);
-            sum += p;
-            const float* vr = &vf[t * D];
-            for (int64_t d = 0; d < D; ++d) ar[d] += p * vr[d];
-          }
-          row_max[r] = new_max;
-          row_sum[r] = sum;
-        }
+        const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
+        // Rows with nothing visible yet keep max -inf; shift them by 0 so exp gives 0, not NaN.
+        const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
+        const at::Tensor corr = (m - shift).exp_();
+        s.sub_(shift.unsqueeze(1)).exp_();
+        l.mul_(corr).add_(s.sum(1));
+        acc.mul_(corr.unsqueeze(1)).addmm_(s, vf);
+        m = m_new;
       }
+      // A row that sees nothing (no diagonal bit, empty prefix) gets 0 and lse -inf, never 0/0.
+      const at::Tensor o = at::where((l > 0).unsqueeze(1), acc / l.unsqueeze(1), at::zeros_like(acc))
+                               .to(out.scalar_type())
+                               .contiguous();  // (nr, D)
+      const int64_t row_bytes = D * static_cast<int64_t>(out.element_size());
+      const char* src = static_cast<const char*>(o.data_ptr());
+      char* dst = static_cast<char*>(out.data_ptr());
+      const float* mp = m.data_ptr<float>();
+      const float* lp = l.data_ptr<float>();
+      float* lse_p = lse.numel() > 0 ? lse.data_ptr<float>() : nullptr;
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t n = (r0 + r) / G, h = hk * G + (r0 + r) % G;
-        T* dst = op + ((b * N + n) * Hq + h) * D;
-        // A row that sees nothing (no diagonal bit, empty prefix) gets 0 and lse -inf, never 0/0.
-        const float inv = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
-        if (lse != nullptr) {
-          lse[(b * N + n) * Hq + h] = row_sum[r] > 0.f ? row_max[r] + std::log(row_sum[r])
-                                                       : -std::numeric_limits<float>::infinity();
-        }
+        std::memcpy(dst + ((b * N + n) * Hq + h) * row_bytes, src + r * row_bytes, row_bytes);
+        if (lse_p != nullptr) lse_p[(b * N + n) * Hq + h] = lp[r] > 0.f ? mp[r] + std::log(lp[r]) : neg_inf;
       }
     }
   });
@@ -135,11 +103,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
                               : at::empty({0}, q.options().dtype(at::kFloat));
-  dispatch_float(q.scalar_type(), "tree_attention", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    tree_attention_kernel<T>(q, k_cache, v_cache, cache_lens, tree_mask, static_cast<float>(scale), out,
-                             return_lse ? lse.data_ptr<float>() : nullptr);
-  });
+  tree_attention_kernel(q, k_cache, v_cache, cache_lens, tree_mask, static_cast<float>(scale), out, lse);
   return {out, lse};
 }
 

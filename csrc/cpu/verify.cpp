@@ -77,44 +77,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tenso
 // p(x) = [s_x >= thr] * exp(s_x - max) / Z with s = logit / temperature; the
 // scalars (max, thr, Z) describe it completely, as in the CUDA kernel.
 struct NodeDist {
-  std::vector<float> s, sorted;
+  std::vector<float> s, scratch;
   float max = kNegInf, thr = kNegInf;
   double Z = 0.0;
   bool valid = false;  // false when no logit is finite (NaN or -inf everywhere)
 
+  // O(V) plus a sort of the top-k survivors when top-p is on (of all V only without top-k).
   template <typename T>
   void build(const T* row, int64_t V, float temperature, int64_t top_k, double top_p) {
     s.resize(V);
+    float mx = kNegInf;
     for (int64_t x = 0; x < V; ++x) {
       const float v = static_cast<float>(row[x]) / temperature;  // division, as HF's temperature warper
       s[x] = std::isnan(v) ? kNegInf : v;
+      mx = std::max(mx, s[x]);
     }
-    sorted = s;
-    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
-    max = sorted[0];
-    valid = max > kNegInf && std::isfinite(max);
+    max = mx;
+    valid = std::isfinite(mx);
+    thr = kNegInf;
     if (!valid) return;
     // top-k keeps x iff fewer than k tokens score strictly higher: ties at the k-th value all stay.
-    thr = (top_k > 0 && top_k < V) ? sorted[top_k - 1] : kNegInf;
+    if (top_k > 0 && top_k < V) {
+      scratch.assign(s.begin(), s.end());
+      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
+      thr = scratch[top_k - 1];
+    }
     if (top_p < 1.0) {
+      scratch.clear();
+      for (int64_t x = 0; x < V; ++x)
+        if (s[x] >= thr) scratch.push_back(s[x]);
+      std::sort(scratch.begin(), scratch.end(), std::greater<float>());
       double zk = 0.0;
-      for (int64_t i = 0; i < V && sorted[i] >= thr; ++i) zk += std::exp(double(sorted[i]) - max);
+      for (float v : scratch) zk += std::exp(double(v) - max);
       // top-p keeps x iff the mass strictly above x is < top_p (HF: ascending cumsum > 1 - top_p).
       double above = 0.0;
-      float last_kept = sorted[0];
-      for (int64_t i = 0; i < V && sorted[i] >= thr;) {
-        if (above >= top_p) break;
-        const float v = sorted[i];
+      float last_kept = scratch[0];
+      const int64_t m = static_cast<int64_t>(scratch.size());
+      for (int64_t i = 0; i < m && above < top_p;) {
+        const float v = scratch[i];
         last_kept = v;
         int64_t j = i;
-        while (j < V && sorted[j] == v) ++j;
+        while (j < m && scratch[j] == v) ++j;
         above += double(j - i) * std::exp(double(v) - max) / zk;
         i = j;
       }
       thr = std::max(thr, last_kept);
     }
     Z = 0.0;
-    for (int64_t i = 0; i < V && sorted[i] >= thr; ++i) Z += std::exp(double(sorted[i]) - max);
+    for (int64_t x = 0; x < V; ++x)
+      if (s[x] >= thr) Z += std::exp(double(s[x]) - max);
   }
 
   double prob(int64_t x) const {

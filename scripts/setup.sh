@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs vispec and what it needs into the current python3, on a fresh machine.
+# Keeps an already installed torch (a CUDA build, say); otherwise installs torch 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0"
+fi
+$PY -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja numpy tqdm safetensors \
+  "transformers>=5.0,<6" accelerate pytest hypothesis scipy matplotlib
+$PY -m pip install -q --no-build-isolation -e .
+$PY -c "import vispec, torch; print(f'vispec {vispec.__version__} on torch {torch.__version__}, CUDA kernels built: {vispec.ops.cuda_built()}')"
