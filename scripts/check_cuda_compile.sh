@@ -10,7 +10,12 @@ if [ ! -x "$NVCC" ]; then
   echo "nvcc not found: cannot compile the CUDA kernels (set NVCC, or VISPEC_SKIP_NVCC=1 to skip knowingly)" >&2
   exit 1
 fi
-CUDA_INC=$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include
+# nvcc may be a wrapper script: ask it where the toolkit is instead of guessing from its path.
+CUDA_INC=""
+for d in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$NVCC")")")" /usr/local/cuda; do
+  if [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ]; then CUDA_INC="$d/include"; break; fi
+done
+[ -n "$CUDA_INC" ] || { echo "cuda_runtime.h not found (set CUDA_HOME)" >&2; exit 1; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 files=(csrc/cuda/*.cu)
@@ -28,8 +33,9 @@ for f in "${files[@]}"; do
   pids+=($!)
 done
 TORCH_DIR=$(${PYTHON:-python3} -c "import torch, os; print(os.path.dirname(torch.__file__))")
-g++ -std=c++17 -fsyntax-only -Wall -Icsrc -Icsrc/include -I"$CUDA_INC" -I"$TORCH_DIR/include" \
-  -I"$TORCH_DIR/include/torch/csrc/api/include" csrc/cuda/torch_glue.cpp
+# The CPU wheel lacks the generated cuda_cmake_macros.h; this define skips it.
+g++ -std=c++20 -fsyntax-only -Wall -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Icsrc -Icsrc/include -isystem "$CUDA_INC" -isystem "$TORCH_DIR/include" \
+  -isystem "$TORCH_DIR/include/torch/csrc/api/include" csrc/cuda/torch_glue.cpp
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 [ $status = 0 ] || { echo "nvcc failed on at least one kernel file" >&2; exit 1; }

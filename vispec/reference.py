@@ -124,10 +124,10 @@ def verify_sampling_ref(
                 if parents[r, j] != cur:
                     continue
                 t = int(draft_tokens[r, j])
-                if float(uniforms[r, j]) * mass < float(resid[t]):
+                if float(resid[t]) > 0 and float(uniforms[r, j]) * mass < float(resid[t]):
                     nxt = j
                     break
-                mass -= float(resid[t])
+                mass = max(mass - float(resid[t]), 0.0)
                 resid[t] = 0.0
             if nxt is None:
                 break
@@ -138,7 +138,7 @@ def verify_sampling_ref(
             resid = p.clone()
         alen[r] = acc
         x = _inverse_cdf(resid, float(uniforms[r, 0]))
-        bonus[r] = x if x >= 0 else int(torch.argmax(p))
+        bonus[r] = x if x >= 0 else int(torch.argmax(resid))
     return path, alen, bonus
 
 

@@ -182,12 +182,13 @@ void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_to
           const int64_t t = tok[b * N + j];
           const bool seen = std::find(rejected.begin(), rejected.end(), t) != rejected.end();
           const double p = seen ? 0.0 : dist.prob(t);
-          // Accept with probability p / mass (the residual-renormalised target); strict, so p = 0 never passes.
-          if (uni[b * N + j] * mass < p) {
+          // Accept with probability p / mass (the residual-renormalised target). Strict, and p > 0 is
+          // required too, so neither a uniform of 0 nor a mass driven below 0 by rounding accepts p = 0.
+          if (p > 0.0 && uni[b * N + j] * mass < p) {
             next = j;
             break;
           }
-          mass -= p;
+          mass = std::max(mass - p, 0.0);
           rejected.push_back(t);
         }
         if (next < 0) break;
@@ -207,7 +208,14 @@ void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_to
       };
       // The bonus uses its own uniform (slot 0: the root is never tested), never a reused acceptance coin.
       int64_t x = sample_inverse_cdf(V, uni[b * N], residual);
-      if (x < 0) x = argmax_row(dist.s.data(), V);  // all mass rejected through rounding: fall back
+      if (x < 0) {
+        // Rounding left no residual mass: the most likely token that was not rejected (as on CUDA).
+        double best = -1.0;
+        for (int64_t y = 0; y < V; ++y) {
+          const double p = residual(y);
+          if (p > best) best = p, x = y;
+        }
+      }
       bo[b] = x;
     }
   });
