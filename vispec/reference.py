@@ -138,7 +138,7 @@ def verify_sampling_ref(
             resid = p.clone()
         alen[r] = acc
         x = _inverse_cdf(resid, float(uniforms[r, 0]))
-        bonus[r] = x if x >= 0 else int(torch.argmax(resid))
+        bonus[r] = x if x >= 0 else int(torch.argmax(p))
     return path, alen, bonus
 
 

@@ -1,9 +1,13 @@
-// Tree attention on the CPU: one task per (batch row, kv head, block of query
-// rows). All the query heads that share a kv head are stacked into one matrix, so
-// each K/V tile is read once and both products run as BLAS GEMMs; an online
-// softmax (as in flash attention) keeps memory at one tile whatever the prefix.
-// The tree mask is applied only on the tiles that hold tree positions.
-#include <ATen/Parallel.h>
+// Tree attention on the CPU: one task per (batch row, kv head). All the query heads
+// that share a kv head are stacked into one matrix, so each K/V tile is read once
+// and both products run as BLAS GEMMs; an online softmax (as in flash attention)
+// keeps memory at one tile whatever the prefix. The tree mask is applied only on
+// the tiles that hold tree positions.
+//
+// Tasks run one after the other and the GEMMs use ATen's intra-op threads. Running
+// the tasks under at::parallel_for instead nests BLAS/oneDNN threading inside an
+// OpenMP region, which left spinning threads behind and made every later small
+// torch op on the same cores milliseconds slow (seen in the engine on 2 cores).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,9 +31,6 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t Hkv = k_cache.size(1);
   const int64_t G = Hq / Hkv;  // query heads per kv head
   const int64_t R = N * G;     // query rows sharing one kv head: row r <-> (node r / G, head hk * G + r % G)
-  // Enough tasks to keep every thread busy, but as few row splits as possible (each re-reads K/V).
-  const int64_t splits = std::min<int64_t>(R, (at::get_num_threads() + B * Hkv - 1) / (B * Hkv));
-  const int64_t rows_per = (R + splits - 1) / splits;
   const int64_t W = tree_mask.size(2);
   const int64_t mask_bstride = tree_mask.size(0) == 1 ? 0 : N * W;
   const int64_t* lens = cache_lens.data_ptr<int64_t>();
@@ -38,11 +39,9 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
   const at::Tensor qv = q.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4}).reshape({B, Hkv, R, D});
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t sp = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
-      const int64_t r0 = sp * rows_per, nr = std::min(rows_per, R - r0);
-      if (nr <= 0) continue;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      const int64_t r0 = 0, nr = R;
       const int64_t L = lens[b];
       // Out of place: for fp32 inputs .to() returns a view of q, which must not change.
       const at::Tensor qf = qv[b][hk].narrow(0, r0, nr).to(at::kFloat).mul(scale);  // (nr, D)
@@ -92,7 +91,7 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
         if (lse_p != nullptr) lse_p[(b * N + n) * Hq + h] = lp[r] > 0.f ? mp[r] + std::log(lp[r]) : neg_inf;
       }
     }
-  });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,

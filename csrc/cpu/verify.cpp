@@ -208,14 +208,8 @@ void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_to
       };
       // The bonus uses its own uniform (slot 0: the root is never tested), never a reused acceptance coin.
       int64_t x = sample_inverse_cdf(V, uni[b * N], residual);
-      if (x < 0) {
-        // Rounding left no residual mass: the most likely token that was not rejected (as on CUDA).
-        double best = -1.0;
-        for (int64_t y = 0; y < V; ++y) {
-          const double p = residual(y);
-          if (p > best) best = p, x = y;
-        }
-      }
+      // No residual mass left (possible only through rounding): the most likely token, as on CUDA.
+      if (x < 0) x = argmax_row(dist.s.data(), V);
       bo[b] = x;
     }
   });

@@ -138,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   const int64_t B = target_logits.size(0), N = target_logits.size(1), V = target_logits.size(2);
   check_uniforms(uniforms, target_logits, B, N);
   check_sampling_params(temperature, top_k, top_p);
+  // The kernel remembers up to 1024 rejected siblings per node in shared memory.
+  TORCH_CHECK(N <= 1025, "vispec.verify_sampling (CUDA): trees of at most 1025 nodes are supported, got N=", N);
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const at::TensorOptions opts = int64_opts(target_logits);
   at::Tensor accept_path = at::empty({B, max_accept + 1}, opts);

@@ -303,7 +303,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const int64_t node = rg / G;
     const int64_t h = kvh * G + (rg - node * G);
     const int64_t orow = (b * N + node) * Hq + h;  // row of out (B, N, Hq, D) and lse (B, N, Hq)
-    // No visible key (or a NaN sum): output 0 and lse -inf rather than 0/0.
+    // No visible key (or a NaN sum): output 0 and lse -inf rather than 0/0. With a
+    // NaN sum acc may hold NaN too (0 * NaN), so the output is zeroed explicitly, as
+    // the CPU op does (where(l > 0, acc / l, 0)).
     const bool any = lsum > 0.0f;
     const float inv = any ? 1.0f / lsum : 0.0f;
     const float lse2 = any ? m[r] + log2f(lsum) : -INFINITY;
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
       for (int i = 0; i < kDPL; ++i) {
         const int d = lane + 32 * i;
-        if (d < D) o[d] = from_float<T>(acc[r][i] * inv);
+        if (d < D) o[d] = from_float<T>(any ? acc[r][i] * inv : 0.0f);
       }
       if (lane == 0 && p.lse != nullptr) p.lse[orow] = lse2 * kLn2;
     } else {
@@ -320,9 +322,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
       for (int i = 0; i < kDPL; ++i) {
         const int d = lane + 32 * i;
-        if (d < D) o[d] = acc[r][i] * inv;
+        if (d < D) o[d] = any ? acc[r][i] * inv : 0.0f;
       }
-      if (lane == 0) ws_lse[static_cast<int64_t>(split) * total_rows + orow] = lse2;  // (splits, rows), log2 units
+      // A NaN sum is passed on as a NaN lse so that the combine zeroes the whole row
+      // (as the unsplit path and the CPU op do) instead of dropping this split.
+      if (lane == 0) ws_lse[static_cast<int64_t>(split) * total_rows + orow] = isnan(lsum) ? lsum : lse2;  // (splits, rows), log2 units
     }
   }
 }
@@ -337,9 +341,14 @@ __global__ void __launch_bounds__(128)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= total_rows) return;  // warp-uniform
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ws_lse[s * total_rows + row]);  // ws_lse: (splits, rows)
+  bool nan = false;
+  for (int s = 0; s < num_splits; ++s) {
+    const float v = ws_lse[s * total_rows + row];  // ws_lse: (splits, rows)
+    nan = nan || isnan(v);
+    mx = fmaxf(mx, v);
+  }
   T* o = out + row * head_dim;  // out: (B * N * Hq, D)
-  if (mx == -INFINITY) {  // no split saw a visible key
+  if (mx == -INFINITY || nan) {  // no split saw a visible key, or a split's sum was NaN
     for (int d = lane; d < head_dim; d += 32) o[d] = from_float<T>(0.0f);
     if (lane == 0 && lse != nullptr) lse[row] = -INFINITY;
     return;
