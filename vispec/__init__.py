@@ -1,5 +1,18 @@
 """vispec: vision-aware speculative decoding for Hugging Face VLMs, lossless, C++/CUDA accelerated."""
 from . import ops
+from .drafters import DraftTree, Drafter, EagleDrafter, PrefillInputs, TreeConfig
+from .engine import GenerateOutput, GenerationStats, generate
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = [
+    "ops",
+    "generate",
+    "GenerateOutput",
+    "GenerationStats",
+    "Drafter",
+    "DraftTree",
+    "EagleDrafter",
+    "PrefillInputs",
+    "TreeConfig",
+    "__version__",
+]

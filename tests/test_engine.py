@@ -1,0 +1,177 @@
+"""Losslessness of vispec.generate on tiny random-weight targets (fp32, CPU)."""
+import pytest
+import torch
+
+import tiny_models as T
+import vispec
+from vispec.drafters import OracleDrafter, TreeConfig
+
+TARGETS = {
+    "llama": (T.llama, T.text_inputs),
+    "llava": (T.llava, T.llava_inputs),
+}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def target(request):
+    build, make_inputs = TARGETS[request.param]
+    return request.param, build(), make_inputs
+
+
+def hf_greedy(model, inputs, max_new_tokens, **kw):
+    return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kw)
+
+
+def oracle_for(model, inputs, ref, acceptance=1.0, depth=3, width=3, seed=0):
+    cont = ref[:, inputs["input_ids"].shape[1]:]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    tree = TreeConfig(total_tokens=depth * width, depth=depth, top_k=width)
+    return OracleDrafter(cont, vocab, acceptance=acceptance, width=width, seed=seed), tree
+
+
+@pytest.mark.parametrize("lens", [[7], [5, 12, 2, 9]], ids=["b1", "b4-padded"])
+def test_greedy_untrained_eagle(target, lens):
+    name, model, make_inputs = target
+    inputs = make_inputs(lens, seed=len(lens))
+    ref = hf_greedy(model, inputs, 24)
+    drafter = vispec.EagleDrafter.from_target(model, seed=0)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=24, tree=TreeConfig(10, 3, 4))
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.target_forwards >= 1 and out.stats.new_tokens == ref[:, inputs["input_ids"].shape[1]:].numel()
+
+
+@pytest.mark.parametrize("acceptance", [1.0, 0.6])
+def test_greedy_oracle_drafter(target, acceptance):
+    name, model, make_inputs = target
+    inputs = make_inputs([6, 10, 3], seed=3)
+    ref = hf_greedy(model, inputs, 30)
+    drafter, tree = oracle_for(model, inputs, ref, acceptance=acceptance)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=30, tree=tree)
+    assert torch.equal(out.sequences, ref)
+    if acceptance == 1.0:
+        # every forward accepts the whole chain (depth 3) except where the answer runs out
+        assert out.stats.tau > 2.5
+        assert out.stats.target_forwards <= 30 // 4 + 1
+    else:
+        assert 0.3 < out.stats.tau < 2.5
+
+
+def test_right_padding_equals_per_row_generation(target):
+    name, model, make_inputs = target
+    inputs = make_inputs([4, 9], seed=5, padding="right")
+    drafter = vispec.EagleDrafter.from_target(model, seed=1)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=12)
+    for r in range(2):
+        mask = inputs["attention_mask"][r].bool()
+        single = {k: (v[r : r + 1][:, mask] if k in ("input_ids", "attention_mask") else v[r : r + 1]) for k, v in inputs.items()}
+        want = hf_greedy(model, single, 12)[0, mask.sum():]
+        assert torch.equal(out.sequences[r, inputs["input_ids"].shape[1]:], want)
+
+
+def test_eos_inside_accepted_draft(target):
+    name, model, make_inputs = target
+    inputs = make_inputs([8], seed=7)
+    p = inputs["input_ids"].shape[1]
+    free = hf_greedy(model, inputs, 30)
+    eos = int(free[0, p + 9])  # a token the target emits 10th: inside some accepted chain
+    ref = hf_greedy(model, inputs, 30, eos_token_id=eos, pad_token_id=T.PAD)
+    assert ref.shape[1] < free.shape[1] or (ref[0, p:] == eos).any()
+    drafter, tree = oracle_for(model, inputs, free, acceptance=1.0, depth=4, width=2)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=30, tree=tree, eos_token_id=eos, pad_token_id=T.PAD)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_eos_batch_rows_finish_independently(target):
+    name, model, make_inputs = target
+    inputs = make_inputs([8, 5, 11], seed=8)
+    p = inputs["input_ids"].shape[1]
+    free = hf_greedy(model, inputs, 25)
+    eos = int(free[1, p + 4])
+    ref = hf_greedy(model, inputs, 25, eos_token_id=eos, pad_token_id=T.PAD)
+    drafter, tree = oracle_for(model, inputs, free, acceptance=0.8, depth=3, width=3)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=25, tree=tree, eos_token_id=eos, pad_token_id=T.PAD)
+    assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7, 13])
+def test_max_new_tokens_mid_draft(target, max_new):
+    name, model, make_inputs = target
+    inputs = make_inputs([6, 9], seed=9)
+    ref = hf_greedy(model, inputs, max_new)
+    drafter, tree = oracle_for(model, inputs, hf_greedy(model, inputs, max_new + 8), acceptance=1.0, depth=5, width=2)
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=max_new, tree=tree)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + max_new  # never more than asked
+    assert torch.equal(out.sequences, ref)
+
+
+def test_streamer_receives_the_same_text(target):
+    name, model, make_inputs = target
+    inputs = make_inputs([5], seed=10)
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+            self.ended = False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    out = vispec.generate(model, vispec.EagleDrafter.from_target(model), **inputs, max_new_tokens=10, streamer=s)
+    assert s.ended and s.chunks[0] == inputs["input_ids"][0].tolist()
+    assert sum(s.chunks[1:], []) == out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+# ---------------------------------------------------------------------------
+# Sampling: vispec's samples follow the target's distribution
+# ---------------------------------------------------------------------------
+SAMPLES = 6000
+# Exact joint law of the first two tokens over 8 x 8 = 64 cells: an exact sampler's TV
+# distance from 6000 draws averages about 0.04; 0.08 is about 5 standard deviations above.
+TV_BOUND_2TOK = 0.08
+
+
+def exact_two_token_law(model, prompt, temperature, top_k, top_p):
+    from vispec.reference import processed_probs_ref
+
+    with torch.no_grad():
+        p1 = processed_probs_ref(model(prompt).logits[0, -1], temperature, top_k, top_p)
+        v = p1.numel()
+        joint = torch.zeros(v, v, dtype=torch.float64)
+        for x in range(v):
+            if p1[x] > 0:
+                ext = torch.cat([prompt, torch.tensor([[x]])], 1)
+                joint[x] = p1[x] * processed_probs_ref(model(ext).logits[0, -1], temperature, top_k, top_p)
+    return joint
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.8)], ids=["T1", "T0.7-k3", "T1.3-p0.8"]
+)
+@pytest.mark.parametrize("drafter_kind", ["eagle", "oracle"])
+def test_sampling_follows_target_distribution(temperature, top_k, top_p, drafter_kind):
+    model = T.llama(seed=4, vocab_size=8)
+    # Peaked enough that drafts get accepted and rejected: scale the head.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompt = torch.tensor([[1, 5, 2, 7, 3]])
+    joint = exact_two_token_law(model, prompt, temperature, top_k, top_p)
+    ids = prompt.expand(SAMPLES, -1).contiguous()
+    if drafter_kind == "eagle":
+        drafter, tree = vispec.EagleDrafter.from_target(model, seed=0), TreeConfig(6, 3, 2)
+    else:  # proposes the greedy continuation: drafts a sampler often accepts, sometimes rejects
+        greedy = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)[:, 5:].expand(SAMPLES, -1)
+        drafter = OracleDrafter(greedy, 8, acceptance=1.0, width=2, seed=1)
+        tree = TreeConfig(6, 3, 2)
+    out = vispec.generate(
+        model, drafter, input_ids=ids, max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p, tree=tree, seed=11
+    )
+    x1, x2 = out.sequences[:, 5], out.sequences[:, 6]
+    counts = torch.bincount(x1 * 8 + x2, minlength=64).double().view(8, 8)
+    assert (joint[counts > 0] > 0).all(), "a sequence of probability 0 was generated"
+    tv = 0.5 * float((counts / SAMPLES - joint).abs().sum())
+    assert tv < TV_BOUND_2TOK, tv
+    assert out.stats.accepted_draft_tokens > 0  # drafts were really tested

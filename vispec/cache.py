@@ -1,0 +1,104 @@
+"""A preallocated KV cache in the ``[B, Hkv, S_max, D]`` layout, implementing transformers' Cache API.
+
+Every batch row has its own committed length (``lens``), because rows accept
+different numbers of draft tokens each step. Three kinds of forward write into it:
+
+* prefill (``mode="prefill"``): the (left-padded) prompt goes to positions 0..P-1 and
+  the model's usual attention (SDPA with HF's padding mask) runs over those P
+  positions; :meth:`unpad_` then shifts each row left so that no padding stays in the
+  cache and ``lens[b]`` is the row's real prompt length;
+* tree verification (``mode="tree"``): the N tree tokens go to ``lens[b] ..
+  lens[b]+N-1`` and the attention function receives the whole buffers, which
+  ``vispec.ops.tree_attention`` reads in place;
+* compaction: :meth:`compact_` moves the accepted entries next to the prefix for all
+  layers in one ``vispec.ops.compact_kv_`` call and advances ``lens``.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import ops
+
+
+class TreeCacheLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "TreeCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        o = self.owner
+        if b != o.rows:
+            raise ValueError(f"TreeCache was made for batch size {o.rows}, the model wrote {b} rows")
+        self.keys = torch.zeros(b, h, o.max_len, d, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(b, h, o.max_len, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        o = self.owner
+        n = key_states.shape[-2]
+        if o.mode == "prefill":
+            self.keys[:, :, :n] = key_states
+            self.values[:, :, :n] = value_states
+            return self.keys[:, :, :n], self.values[:, :, :n]
+        # Tree / append: row b writes at lens[b] + i. (B, N) indices select (B, N, H, D) slices.
+        pos = o.lens.unsqueeze(1) + torch.arange(n, device=o.lens.device)
+        rows = o.row_index.unsqueeze(1).expand_as(pos)
+        self.keys[rows, :, pos] = key_states.transpose(1, 2)
+        self.values[rows, :, pos] = value_states.transpose(1, 2)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Prefill masks cover exactly the prompt; tree steps build their own mask (no HF mask needed).
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.owner.mode == "prefill" else int(self.owner.lens.max())
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+
+class TreeCache(Cache):
+    """KV cache of a target model for tree speculative decoding (see the module docstring)."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, device: torch.device):
+        self.rows = batch_size  # (Cache.batch_size is a read-only property)
+        self.max_len = max_len
+        self.mode = "prefill"
+        self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.row_index = torch.arange(batch_size, device=device)
+        super().__init__(layers=[TreeCacheLayer(self) for _ in range(num_layers)])
+
+    # -- the two layouts of the per-layer tensors -------------------------------------------
+    def _tensors(self):
+        live = [layer for layer in self.layers if layer.is_initialized]
+        return [layer.keys for layer in live], [layer.values for layer in live]
+
+    @torch.no_grad()
+    def unpad_(self, prompt_len: int, pad_left: torch.Tensor) -> None:
+        """After a left-padded prefill of width ``prompt_len``: row b drops its ``pad_left[b]`` pad slots."""
+        idx = (torch.arange(prompt_len, device=pad_left.device).unsqueeze(0) + pad_left.unsqueeze(1)).clamp(
+            max=prompt_len - 1
+        )  # (B, P): new position j takes old position j + pad
+        rows = self.row_index.unsqueeze(1).expand_as(idx)
+        keys, values = self._tensors()
+        for t in (*keys, *values):
+            t[:, :, :prompt_len] = t[rows, :, idx].transpose(1, 2)
+        self.lens.copy_(prompt_len - pad_left)
+        self.mode = "tree"
+
+    @torch.no_grad()
+    def compact_(self, accept_path: torch.Tensor, accept_len: torch.Tensor) -> None:
+        """Keeps the accepted tree entries (root first) and advances ``lens`` by ``accept_len + 1``."""
+        keys, values = self._tensors()
+        ops.compact_kv_(keys, values, self.lens, accept_path, accept_len, update_lens=True)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if self.layers else 0

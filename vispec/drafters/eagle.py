@@ -1,0 +1,334 @@
+"""EAGLE-2 style drafter: one decoder layer over [token embedding ; target feature].
+
+The drafter shares the target's frozen input embeddings and lm_head (they are
+referenced, not owned: they are neither trained nor saved with the drafter). Its
+own parameters are ``fc`` (2H -> H) and one Llama-style decoder layer whose input
+layernorm is absent (as in EAGLE's first layer), with no final norm.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import DraftTree, PrefillInputs, TreeConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    drafter_type: str = "eagle"
+
+    @classmethod
+    def from_target(cls, model, **overrides) -> "DrafterConfig":
+        tc = model.config.get_text_config()
+        heads = tc.num_attention_heads
+        rope = getattr(tc, "rope_parameters", None) or {}
+        cfg = dict(
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab_size=tc.vocab_size,
+            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))),
+        )
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DrafterConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x (B, H, T, D) at positions (B, T)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.float().unsqueeze(-1) * inv  # (B, T, D/2)
+    emb = torch.cat([ang, ang], -1).unsqueeze(1)  # (B, 1, T, D)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class DecoderLayer(nn.Module):
+    """Llama decoder layer without the input layernorm, attending over an external KV cache."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.c = c
+        h, hd = c.hidden_size, c.head_dim
+        self.q_proj = nn.Linear(h, c.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
+        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps)
+
+    def forward(self, x, positions, kv, write_pos, visible):
+        """x (B, T, H); kv = (K, V) caches (B, Hkv, S, D) written at write_pos (B, T); visible (B, T, S) bool."""
+        b, t, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        keys, values = kv
+        rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(write_pos)
+        keys[rows, :, write_pos] = k.transpose(1, 2).to(keys.dtype)
+        values[rows, :, write_pos] = v.transpose(1, 2).to(values.dtype)
+        attn = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible.unsqueeze(1), enable_gqa=c.num_attention_heads != c.num_key_value_heads
+        )
+        h = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        m = self.post_attention_layernorm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+class EagleDrafter(nn.Module):
+    """EAGLE-2 drafter (see the module docstring); implements :class:`vispec.drafters.Drafter`."""
+
+    def __init__(self, config: DrafterConfig, embed_tokens: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layer = DecoderLayer(config)
+        # Shared with the target, frozen, not part of this module's parameters or state dict.
+        self._shared = (embed_tokens, lm_head)
+        self._state = None
+
+    # -- construction / persistence ---------------------------------------------------------
+    @classmethod
+    def from_target(cls, model, seed: int | None = None, **overrides) -> "EagleDrafter":
+        """A randomly initialised drafter sized for ``model`` (in its dtype and on its device)."""
+        config = DrafterConfig.from_target(model, drafter_type=cls.drafter_type(), **overrides)
+        if seed is not None:
+            torch.manual_seed(seed)
+        d = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
+        d._init_weights()
+        p = next(model.parameters())
+        return d.to(device=p.device, dtype=p.dtype)
+
+    @classmethod
+    def drafter_type(cls) -> str:
+        return "eagle"
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def save_pretrained(self, path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path, model) -> "EagleDrafter":
+        """Loads a drafter saved with :meth:`save_pretrained` for the target ``model``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: not a vispec drafter directory")
+        config = DrafterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        if config.drafter_type != cls.drafter_type():
+            raise ValueError(f"{path} holds a {config.drafter_type!r} drafter, not {cls.drafter_type()!r}")
+        d = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
+        d.check_target(model)
+        d.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        p = next(model.parameters())
+        return d.to(device=p.device, dtype=p.dtype)
+
+    def check_target(self, model) -> None:
+        tc = model.config.get_text_config()
+        c = self.config
+        if tc.hidden_size != c.hidden_size:
+            raise ValueError(f"drafter hidden size {c.hidden_size} does not match the target's {tc.hidden_size}")
+        emb = model.get_input_embeddings()
+        if emb.weight.shape[0] != c.vocab_size:
+            raise ValueError(
+                f"drafter vocabulary ({c.vocab_size} tokens) does not match the target's ({emb.weight.shape[0]}): "
+                "it was built for another model or tokenizer"
+            )
+        if emb is not self._shared[0]:
+            raise ValueError("this drafter shares the embeddings of another model instance; rebuild it for this target")
+
+    @property
+    def embed_tokens(self):
+        return self._shared[0]
+
+    @property
+    def lm_head(self):
+        return self._shared[1]
+
+    # -- decoding state --------------------------------------------------------------------
+    def begin(self, batch_size: int, max_len: int, device) -> None:
+        c = self.config
+        dtype = self.fc.weight.dtype
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self._state = dict(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            lens=torch.zeros(batch_size, dtype=torch.int64, device=device),
+            last_hidden=None,
+            max_len=max_len,
+        )
+
+    def _run(self, embeds, features, positions, write_pos, visible):
+        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
+        s = self._state
+        return self.layer(x, positions, (s["k"], s["v"]), write_pos, visible)
+
+    def _append(self, embeds, features, n_valid, roots):
+        """Runs (B, T) new pairs causally after each row's committed prefix; commits n_valid of them.
+
+        ``roots`` (B,) is each row's last accepted token: the root of the next tree.
+        """
+        s = self._state
+        b, t, _ = embeds.shape
+        dev = embeds.device
+        pos = s["lens"].unsqueeze(1) + torch.arange(t, device=dev)  # (B, T)
+        if t > 0 and int(pos.max()) >= s["max_len"]:
+            raise ValueError(f"drafter cache of {s['max_len']} positions is full")
+        keys = torch.arange(s["max_len"], device=dev)
+        visible = keys.view(1, 1, -1) <= pos.unsqueeze(-1)  # causal over prefix + new entries
+        hidden = self._run(embeds, features, pos, pos, visible)
+        last = (n_valid - 1).clamp(min=0)
+        s["last_hidden"] = hidden[torch.arange(b, device=dev), last]
+        s["lens"] = s["lens"] + n_valid
+        s["roots"] = roots
+        return hidden
+
+    def prefill(self, inputs: PrefillInputs) -> None:
+        emb = self.shifted_embeds(inputs)
+        self._state["lens"].zero_()
+        self._append(emb, inputs.features, inputs.lengths, inputs.next_tokens)
+
+    def shifted_embeds(self, inputs: PrefillInputs) -> torch.Tensor:
+        """Embedding of the token following each position: inputs_embeds[:, 1:] and the new token at the end."""
+        b, p, _ = inputs.inputs_embeds.shape
+        emb = torch.cat([inputs.inputs_embeds[:, 1:], inputs.inputs_embeds[:, :1]], 1).clone()
+        nxt = self.embed_tokens(inputs.next_tokens).to(emb.dtype)  # (B, H)
+        emb[torch.arange(b, device=emb.device), inputs.lengths - 1] = nxt
+        return emb
+
+    def extend(self, tokens, features, n_valid) -> None:
+        last = tokens[torch.arange(tokens.shape[0], device=tokens.device), (n_valid - 1).clamp(min=0)]
+        self._append(self.embed_tokens(tokens), features, n_valid, last)
+
+    # -- EAGLE-2 dynamic tree ----------------------------------------------------------------
+    @torch.no_grad()
+    def propose(self, tree: TreeConfig) -> DraftTree:
+        s = self._state
+        k, depth = tree.top_k, tree.depth
+        h = s["last_hidden"]  # (B, H): the drafter's output at each row's last committed position
+        b, dev = h.shape[0], h.device
+        lens = s["lens"]
+        logp = torch.log_softmax(self.lm_head(h).float(), -1)
+        score, tok = logp.topk(k, -1)  # (B, k): level 1
+        pool_score, pool_tok = [score], [tok]
+        pool_parent = [torch.full((b, k), -1, dtype=torch.int64, device=dev)]
+        pool_depth = [torch.ones(b, k, dtype=torch.int64, device=dev)]
+        front_tok, front_score, front_hid = tok, score, h.unsqueeze(1).expand(b, k, -1)
+        front_pool = torch.arange(k, device=dev).expand(b, k)
+        slots = k * max(depth - 1, 0)
+        front_anc = torch.zeros(b, k, slots, dtype=torch.bool, device=dev)  # processed ancestors (tree slots)
+        keys = torch.arange(s["max_len"], device=dev).view(1, 1, -1)
+        if slots and int(lens.max()) + slots > s["max_len"]:
+            raise ValueError(f"drafter cache of {s['max_len']} positions is full")
+        base = k
+        for d in range(2, depth + 1):
+            # Run the frontier (nodes at depth d-1) at position lens-1+(d-1), in tree slots (d-2)*k ...
+            slot = (d - 2) * k + torch.arange(k, device=dev)  # (k,)
+            write = lens.unsqueeze(1) + slot  # (B, k)
+            own = torch.zeros(b, k, slots, dtype=torch.bool, device=dev)
+            own[:, torch.arange(k, device=dev), slot] = True
+            anc = front_anc | own  # (B, k, slots)
+            visible = keys < lens.view(b, 1, 1)  # committed prefix ...
+            tree_vis = torch.zeros(b, k, s["max_len"], dtype=torch.bool, device=dev)
+            tree_vis.scatter_(2, (lens.view(b, 1, 1) + torch.arange(slots, device=dev)).expand(b, k, slots), anc)
+            visible = visible | tree_vis  # ... plus the node's own ancestors and itself
+            pos = (lens - 1 + (d - 1)).unsqueeze(1).expand(b, k)
+            hid = self._run(self.embed_tokens(front_tok), front_hid, pos, write, visible)  # (B, k, H)
+            lp = torch.log_softmax(self.lm_head(hid).float(), -1)
+            ctop, ctok = lp.topk(k, -1)  # (B, k, k)
+            cum = front_score.unsqueeze(-1) + ctop  # cumulative log-prob of each child
+            pool_score.append(cum.reshape(b, k * k))
+            pool_tok.append(ctok.reshape(b, k * k))
+            pool_parent.append(front_pool.unsqueeze(-1).expand(b, k, k).reshape(b, k * k))
+            pool_depth.append(torch.full((b, k * k), d, dtype=torch.int64, device=dev))
+            # The best k children become the next frontier.
+            best_score, best = cum.reshape(b, k * k).topk(k, -1)
+            par = best // k  # frontier index of each new node's parent
+            front_tok = torch.gather(ctok.reshape(b, k * k), 1, best)
+            front_score = best_score
+            front_hid = torch.gather(hid, 1, par.unsqueeze(-1).expand(b, k, hid.shape[-1]))
+            front_anc = torch.gather(anc, 1, par.unsqueeze(-1).expand(b, k, slots))
+            front_pool = base + best
+            base += k * k
+        return build_tree(
+            torch.cat(pool_score, 1), torch.cat(pool_tok, 1), torch.cat(pool_parent, 1), torch.cat(pool_depth, 1),
+            s["roots"], tree.total_tokens,
+        )
+
+
+def build_tree(score, tok, parent, depth, roots, total):
+    """Keeps the ``total`` best candidates of a pool ordered by depth; returns them as a topological tree.
+
+    A child's cumulative log-prob never exceeds its parent's and the sort is stable over a
+    depth-ordered pool, so the kept set contains every kept node's parent.
+    """
+    b, c = score.shape
+    dev = score.device
+    score = torch.nan_to_num(score, nan=-math.inf)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :total]
+    sel = torch.sort(order, dim=1).values  # pool order = topological order
+    node_of = torch.zeros(b, c, dtype=torch.int64, device=dev)  # pool index -> node index (root = 0)
+    node_of.scatter_(1, sel, torch.arange(1, total + 1, device=dev).expand(b, total))
+    par_pool = torch.gather(parent, 1, sel)
+    par_node = torch.where(par_pool < 0, 0, torch.gather(node_of, 1, par_pool.clamp(min=0)))
+    tokens = torch.cat([roots.view(b, 1), torch.gather(tok, 1, sel)], 1)
+    parents = torch.cat([torch.full((b, 1), -1, dtype=torch.int64, device=dev), par_node], 1)
+    depths = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), torch.gather(depth, 1, sel)], 1)
+    return DraftTree(tokens=tokens, parents=parents, depth=depths)

@@ -1,0 +1,134 @@
+"""What the engine needs to know about each supported target class, in one place.
+
+Everything goes through the models' public pieces: ``model.model`` (the base model
+returning the last hidden state after the final norm), ``model.lm_head``, the input
+embeddings, ``set_attn_implementation`` and a forward pre-hook on the language model
+to see the input embeddings (image features merged) of the prefill.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .attention import register as register_attention
+
+TEXT_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+LLAVA_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+QWEN_VL_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED = TEXT_CLASSES + LLAVA_CLASSES + QWEN_VL_CLASSES
+
+# Inputs a processor returns that the prefill forwards to the model as they are.
+MULTIMODAL_INPUTS = {
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "mm_token_type_ids",
+}
+
+
+@dataclass
+class Target:
+    model: torch.nn.Module
+    kind: str  # "text" | "llava" | "qwen_vl"
+
+    @classmethod
+    def wrap(cls, model) -> "Target":
+        name = type(model).__name__
+        if name in TEXT_CLASSES:
+            kind = "text"
+        elif name in LLAVA_CLASSES:
+            kind = "llava"
+        elif name in QWEN_VL_CLASSES:
+            kind = "qwen_vl"
+        else:
+            raise TypeError(
+                f"vispec does not support {name}; supported target classes: {', '.join(SUPPORTED)}"
+            )
+        return cls(model, kind)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    @property
+    def base(self):
+        return self.model.model
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self):
+        return self.base if self.kind == "text" else self.base.language_model
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.text_config, "max_position_embeddings", None)
+
+    def image_token_ids(self) -> list[int]:
+        cfg = self.model.config
+        ids = [getattr(cfg, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")]
+        return sorted({i for i in ids if i is not None})
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    # -- attention implementation ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def tree_attention(self):
+        """Routes the language model's attention through vispec's function; restores the previous one after."""
+        name = register_attention()
+        cfg = self.text_config
+        previous = cfg._attn_implementation
+        if previous == name:
+            yield
+            return
+        key = "" if self.kind == "text" else "text_config"
+        self.model.set_attn_implementation({key: name} if key else name)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation({key: previous} if key else previous)
+
+    # -- positions ----------------------------------------------------------------------------------
+    def prefill_positions(self, attention_mask: torch.Tensor, model_inputs: dict):
+        """Position ids exactly as ``model.generate`` makes them for the (left-padded) prompt."""
+        if self.kind == "qwen_vl":
+            return None  # the model computes M-RoPE positions (and caches rope deltas) itself
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 0)
+
+    def tree_positions(self, lens: torch.Tensor, depth: torch.Tensor):
+        """Positions of tree nodes: each row's committed length plus the node's depth."""
+        pos = lens.unsqueeze(1) + depth  # (B, N)
+        if self.kind == "qwen_vl":
+            deltas = self.base.rope_deltas  # (B, 1), set by the prefill
+            pos = (pos + deltas.to(pos.device)).unsqueeze(0).expand(3, -1, -1)
+        return pos
+
+    @contextlib.contextmanager
+    def capture_input_embeds(self):
+        """Records the input embeddings the language model receives (image features merged)."""
+        box = {}
+
+        def hook(module, args, kwargs):
+            emb = kwargs.get("inputs_embeds")
+            if emb is not None:
+                box["inputs_embeds"] = emb
+
+        handle = self.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield box
+        finally:
+            handle.remove()
