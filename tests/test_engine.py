@@ -9,6 +9,9 @@ from vispec.drafters import OracleDrafter, TreeConfig
 TARGETS = {
     "llama": (T.llama, T.text_inputs),
     "llava": (T.llava, T.llava_inputs),
+    "llava_next": (T.llava_next, T.llava_next_inputs),
+    "qwen2_vl": (T.qwen2_vl, T.qwen_inputs),
+    "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
 }
 
 
@@ -56,6 +59,21 @@ def test_greedy_oracle_drafter(target, acceptance):
         assert 0.3 < out.stats.tau < 2.5
 
 
+def row_inputs(inputs, r):
+    """Row r alone, without padding (per-image tensors of that row only)."""
+    mask = inputs["attention_mask"][r].bool()
+    out = {}
+    for k, v in inputs.items():
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[k] = v[r : r + 1][:, mask]
+        elif k == "pixel_values" and "image_grid_thw" in inputs:  # Qwen: flat patches of all images
+            per = int(inputs["image_grid_thw"][r].prod())
+            out[k] = v[r * per : (r + 1) * per]
+        else:
+            out[k] = v[r : r + 1]
+    return out
+
+
 def test_right_padding_equals_per_row_generation(target):
     name, model, make_inputs = target
     inputs = make_inputs([4, 9], seed=5, padding="right")
@@ -63,7 +81,7 @@ def test_right_padding_equals_per_row_generation(target):
     out = vispec.generate(model, drafter, **inputs, max_new_tokens=12)
     for r in range(2):
         mask = inputs["attention_mask"][r].bool()
-        single = {k: (v[r : r + 1][:, mask] if k in ("input_ids", "attention_mask") else v[r : r + 1]) for k, v in inputs.items()}
+        single = row_inputs(inputs, r)
         want = hf_greedy(model, single, 12)[0, mask.sum():]
         assert torch.equal(out.sequences[r, inputs["input_ids"].shape[1]:], want)
 

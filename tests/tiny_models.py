@@ -69,3 +69,103 @@ def pad_rows(rows, padding):
         ids[i, sl] = r
         mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+VIDEO_TOKEN = 151
+VISION_START = 152
+
+
+def _qwen_text(**over):
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=PAD, eos_token_id=None, bos_token_id=None, tie_word_embeddings=False,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def qwen2_vl(seed=0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, mlp_ratio=2, in_channels=3)
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=_qwen_text(), image_token_id=IMAGE_TOKEN,
+                        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, tie_word_embeddings=False)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def qwen2_5_vl(seed=0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(), image_token_id=IMAGE_TOKEN,
+                           video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+QWEN_GRID = (1, 4, 6)  # t, h, w patches of one 16 x 24 image: 24 patches, 6 tokens after the 2x2 merge
+QWEN_IMAGE_TOKENS = 6
+
+
+def qwen_inputs(batch_prompt_lens, seed=0, padding="left"):
+    """One image per row: <vision_start> + 6 image tokens inside the text, with mm_token_type_ids."""
+    g = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    for n in batch_prompt_lens:
+        text = torch.randint(1, IMAGE_TOKEN, (n,), generator=g)
+        ids = torch.cat([text[:2], torch.tensor([VISION_START]), torch.full((QWEN_IMAGE_TOKENS,), IMAGE_TOKEN), text[2:]])
+        rows.append(ids)
+        types.append((ids == IMAGE_TOKEN).long())
+    out = pad_rows(rows, padding)
+    tt = pad_rows(types, padding)["input_ids"]  # padded with 0 (text)
+    t, h, w = QWEN_GRID
+    patches = t * h * w
+    return out | {
+        "mm_token_type_ids": tt,
+        "pixel_values": torch.randn(len(rows) * patches, 3 * 2 * 4 * 4, generator=g),
+        "image_grid_thw": torch.tensor([QWEN_GRID] * len(rows)),
+    }
+
+
+def llava_next(seed=0):
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=32,
+    )
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_text_cfg(), image_token_id=IMAGE_TOKEN,
+                          vision_feature_layer=-1, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+# (height, width) of each row's image and how many tokens LLaVA-NeXT's anyres packing gives it
+# (base tile + 2 tiles + row newlines), as the model's own get_image_features reports.
+LLAVA_NEXT_SIZES = [(32, 64), (64, 32), (32, 64), (64, 32)]
+LLAVA_NEXT_TOKENS = {(32, 64): 52, (64, 32): 56}
+
+
+def llava_next_inputs(batch_prompt_lens, seed=0, padding="left"):
+    g = torch.Generator().manual_seed(seed)
+    rows, sizes = [], []
+    for i, n in enumerate(batch_prompt_lens):
+        size = LLAVA_NEXT_SIZES[i % len(LLAVA_NEXT_SIZES)]
+        text = torch.randint(1, IMAGE_TOKEN, (n,), generator=g)
+        rows.append(torch.cat([text[:2], torch.full((LLAVA_NEXT_TOKENS[size],), IMAGE_TOKEN), text[2:]]))
+        sizes.append(size)
+    return pad_rows(rows, padding) | {
+        "pixel_values": torch.randn(len(rows), 3, 3, 32, 32, generator=g),
+        "image_sizes": torch.tensor(sizes),
+    }

@@ -95,10 +95,14 @@ class TreeCache(Cache):
         self.mode = "tree"
 
     @torch.no_grad()
-    def compact_(self, accept_path: torch.Tensor, accept_len: torch.Tensor) -> None:
-        """Keeps the accepted tree entries (root first) and advances ``lens`` by ``accept_len + 1``."""
+    def compact_(self, accept_path: torch.Tensor, accept_len: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Keeps the accepted tree entries (root first) and advances ``lens`` by ``accept_len + 1``.
+
+        Rows where ``active`` is False (finished rows) keep their length, so they never outgrow the cache.
+        """
         keys, values = self._tensors()
-        ops.compact_kv_(keys, values, self.lens, accept_path, accept_len, update_lens=True)
+        new_lens = ops.compact_kv_(keys, values, self.lens, accept_path, accept_len)
+        self.lens.copy_(new_lens if active is None else torch.where(active, new_lens, self.lens))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if self.layers else 0

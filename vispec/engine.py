@@ -228,6 +228,7 @@ def generate(
                 input_ids=lp_ids, attention_mask=lp_mask, past_key_values=cache, use_cache=True, **kw, **model_inputs
             )
         hidden = out.last_hidden_state  # (B, P, H)
+        target.after_prefill(model_inputs, b, device)
         embeds = box.get("inputs_embeds")
         if embeds is None:
             embeds = target.embed(lp_ids)
@@ -287,8 +288,8 @@ def generate(
                     logits, dt.tokens, dt.parents, temperature, top_k, top_p, generator=generator,
                     max_accept=min(max_accept, n_nodes - 1),
                 )
-            alen = torch.where(done_t, 0, alen)  # finished rows stop growing their cache
-            cache.compact_(path, alen)
+            alen = torch.where(done_t, 0, alen)  # finished rows accept nothing and keep their cache length
+            cache.compact_(path, alen, active=~done_t)
             _sync(device)
             t2 = time.perf_counter()
             # Accepted tokens then the bonus, per row: (B, depth + 1), the first alen+1 valid.
@@ -296,7 +297,7 @@ def generate(
             ext = torch.cat([acc, acc[:, :1]], 1)
             ext.scatter_(1, alen.unsqueeze(1), bonus.unsqueeze(1))
             feats = torch.gather(h, 1, path.clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            drafter.extend(ext, feats, alen + 1)
+            drafter.extend(ext, feats, torch.where(done_t, 0, alen + 1))
             ext_l, alen_l = ext.tolist(), alen.tolist()
             active = [not d for d in done]
             stats.target_forwards += 1

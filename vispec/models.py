@@ -102,19 +102,31 @@ class Target:
             self.model.set_attn_implementation({key: previous} if key else previous)
 
     # -- positions ----------------------------------------------------------------------------------
+    def _multimodal(self, model_inputs: dict) -> bool:
+        return model_inputs.get("image_grid_thw") is not None or model_inputs.get("video_grid_thw") is not None
+
     def prefill_positions(self, attention_mask: torch.Tensor, model_inputs: dict):
-        """Position ids exactly as ``model.generate`` makes them for the (left-padded) prompt."""
-        if self.kind == "qwen_vl":
-            return None  # the model computes M-RoPE positions (and caches rope deltas) itself
+        """Position ids as ``model.generate`` makes them for the (left-padded) prompt.
+
+        Qwen-VL with images: None, so the model computes the M-RoPE positions and its rope deltas.
+        """
+        self._rope_deltas = None
+        if self.kind == "qwen_vl" and self._multimodal(model_inputs):
+            return None
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
+    def after_prefill(self, model_inputs: dict, batch: int, device) -> None:
+        if self.kind == "qwen_vl":
+            # Text-only prompts have no M-RoPE offset (generate sets zeros; the model keeps stale ones).
+            fresh = self._multimodal(model_inputs)
+            self._rope_deltas = self.base.rope_deltas if fresh else torch.zeros(batch, 1, dtype=torch.long, device=device)
+
     def tree_positions(self, lens: torch.Tensor, depth: torch.Tensor):
-        """Positions of tree nodes: each row's committed length plus the node's depth."""
+        """Positions of tree nodes: each row's committed length plus the node's depth (+ M-RoPE deltas)."""
         pos = lens.unsqueeze(1) + depth  # (B, N)
         if self.kind == "qwen_vl":
-            deltas = self.base.rope_deltas  # (B, 1), set by the prefill
-            pos = (pos + deltas.to(pos.device)).unsqueeze(0).expand(3, -1, -1)
+            pos = (pos + self._rope_deltas.to(pos.device)).unsqueeze(0).expand(3, -1, -1)
         return pos
 
     @contextlib.contextmanager
