@@ -193,3 +193,62 @@ def test_sampling_follows_target_distribution(temperature, top_k, top_p, drafter
     tv = 0.5 * float((counts / SAMPLES - joint).abs().sum())
     assert tv < TV_BOUND_2TOK, tv
     assert out.stats.accepted_draft_tokens > 0  # drafts were really tested
+
+
+# ---------------------------------------------------------------------------
+# Drop-in: model.generate made speculative with one line
+# ---------------------------------------------------------------------------
+def test_drop_in_matches_direct_api_and_undo(target):
+    name, model, make_inputs = target
+    inputs = make_inputs([6, 3], seed=12)
+    ref = model.generate(**inputs, max_new_tokens=15, do_sample=False)
+    drafter = vispec.EagleDrafter.from_target(model, seed=2)
+    direct = vispec.generate(model, drafter, **inputs, max_new_tokens=15)
+    handle = vispec.accelerate(model, drafter)
+    try:
+        got = model.generate(**inputs, max_new_tokens=15, do_sample=False)
+        assert handle.last_stats is not None and handle.last_stats.target_forwards > 0  # really ran vispec
+        assert torch.equal(got, direct.sequences) and torch.equal(got, ref)
+        as_dict = model.generate(**inputs, max_new_tokens=15, return_dict_in_generate=True)
+        assert torch.equal(as_dict.sequences, ref)
+    finally:
+        handle.undo()
+    assert "generate" not in model.__dict__
+    assert torch.equal(model.generate(**inputs, max_new_tokens=15, do_sample=False), ref)
+
+
+def test_drop_in_sampling_uses_generation_config():
+    model = T.llama(seed=5)
+    inputs = T.text_inputs([5, 8], seed=13)
+    handle = vispec.accelerate(model, vispec.EagleDrafter.from_target(model))
+    try:
+        torch.manual_seed(0)
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9)
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 10)
+        assert handle.fallbacks == 0 and handle.last_stats.target_forwards > 0
+    finally:
+        handle.undo()
+
+
+@pytest.mark.parametrize(
+    "kwargs,what",
+    [
+        (dict(num_beams=2), "num_beams"),
+        (dict(repetition_penalty=1.3), "repetition_penalty"),
+        (dict(min_new_tokens=4), "min_new_tokens"),
+        (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
+    ],
+)
+def test_drop_in_falls_back_with_a_warning(kwargs, what):
+    model = T.llama(seed=6)
+    inputs = T.text_inputs([6], seed=14)
+    want = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+    handle = vispec.accelerate(model, vispec.EagleDrafter.from_target(model))
+    try:
+        with pytest.warns(UserWarning, match=what):
+            got = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+    finally:
+        handle.undo()
+    want_seq = want.sequences if hasattr(want, "sequences") else want
+    got_seq = got.sequences if hasattr(got, "sequences") else got
+    assert torch.equal(got_seq, want_seq) and handle.fallbacks == 1

@@ -1,12 +1,15 @@
 """vispec: vision-aware speculative decoding for Hugging Face VLMs, lossless, C++/CUDA accelerated."""
 from . import ops
 from .drafters import DraftTree, Drafter, EagleDrafter, PrefillInputs, TreeConfig
+from .accelerate import Accelerated, accelerate
 from .engine import GenerateOutput, GenerationStats, generate
 
 __version__ = "0.1.0"
 __all__ = [
     "ops",
     "generate",
+    "accelerate",
+    "Accelerated",
     "GenerateOutput",
     "GenerationStats",
     "Drafter",

@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "common.h"
 #include "validate.h"
@@ -35,61 +34,52 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t mask_bstride = tree_mask.size(0) == 1 ? 0 : N * W;
   const int64_t* lens = cache_lens.data_ptr<int64_t>();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(tree_mask.data_ptr<int32_t>());
-  // (B, N, Hq, D) -> (B, Hkv, N*G, D) view: row r of kv head hk is (n = r / G, h = hk*G + r % G).
-  const at::Tensor qv = q.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4}).reshape({B, Hkv, R, D});
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  // (B, N, Hq, D) -> (B, Hkv, N*G, D): row r of kv head hk is (n = r / G, h = hk*G + r % G).
+  const at::Tensor qv = q.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4}).reshape({B, Hkv, R, D});
+  // out viewed the same way, so results go back with one strided copy per batch row.
+  at::Tensor ov = out.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4});
+  at::Tensor lv = lse.numel() > 0 ? lse.view({B, N, Hkv, G}).permute({0, 2, 1, 3}) : at::Tensor();
+  const int64_t tile = tile_keys(Hkv * R);
+  at::Tensor bias = at::empty({R, N}, q.options().dtype(at::kFloat));  // the tree mask as 0 / -inf
 
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const int64_t r0 = 0, nr = R;
-      const int64_t L = lens[b];
-      // Out of place: for fp32 inputs .to() returns a view of q, which must not change.
-      const at::Tensor qf = qv[b][hk].narrow(0, r0, nr).to(at::kFloat).mul(scale);  // (nr, D)
-      const at::Tensor kb = k_cache[b][hk], vb = v_cache[b][hk];                     // (S_max, D)
-      at::Tensor acc = at::zeros({nr, D}, qf.options());
-      at::Tensor m = at::full({nr}, neg_inf, qf.options());
-      at::Tensor l = at::zeros({nr}, qf.options());
-      const uint32_t* mrow = mask + b * mask_bstride;
-      const int64_t tile = tile_keys(nr);
-      for (int64_t t0 = 0; t0 < L + N; t0 += tile) {
-        const int64_t nt = std::min(tile, L + N - t0);
-        const at::Tensor kf = kb.narrow(0, t0, nt).to(at::kFloat);
-        const at::Tensor vf = vb.narrow(0, t0, nt).to(at::kFloat);
-        at::Tensor s = at::mm(qf, kf.t());  // (nr, nt) scaled scores
-        if (t0 + nt > L) {  // this tile holds tree positions: apply the mask there only
-          float* sp_ = s.data_ptr<float>();
-          for (int64_t t = std::max<int64_t>(0, L - t0); t < nt; ++t) {
-            const int64_t j = t0 + t - L;  // tree node of this key
-            for (int64_t r = 0; r < nr; ++r) {
-              const int64_t n = (r0 + r) / G;
-              if (!((mrow[n * W + j / 32] >> (j % 32)) & 1u)) sp_[r * nt + t] = neg_inf;
-            }
-          }
-        }
-        const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
-        // Rows with nothing visible yet keep max -inf; shift them by 0 so exp gives 0, not NaN.
-        const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
-        const at::Tensor corr = (m - shift).exp_();
-        s.sub_(shift.unsqueeze(1)).exp_();
-        l.mul_(corr).add_(s.sum(1));
-        acc.mul_(corr.unsqueeze(1)).addmm_(s, vf);
-        m = m_new;
+    const int64_t L = lens[b];
+    // Out of place: for fp32 inputs .to() returns a view of q, which must not change.
+    const at::Tensor qf = qv[b].to(at::kFloat).mul(scale);  // (Hkv, R, D)
+    at::Tensor acc = at::zeros({Hkv, R, D}, qf.options());
+    at::Tensor m = at::full({Hkv, R, 1}, neg_inf, qf.options());
+    at::Tensor l = at::zeros({Hkv, R, 1}, qf.options());
+    const uint32_t* mrow = mask + b * mask_bstride;
+    float* bp = bias.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = r / G;
+      for (int64_t j = 0; j < N; ++j) bp[r * N + j] = ((mrow[n * W + j / 32] >> (j % 32)) & 1u) ? 0.f : neg_inf;
+    }
+    for (int64_t t0 = 0; t0 < L + N; t0 += tile) {
+      const int64_t nt = std::min(tile, L + N - t0);
+      const at::Tensor kf = k_cache[b].narrow(1, t0, nt).to(at::kFloat);  // (Hkv, nt, D)
+      const at::Tensor vf = v_cache[b].narrow(1, t0, nt).to(at::kFloat);
+      at::Tensor s = at::bmm(qf, kf.transpose(1, 2));  // (Hkv, R, nt) scaled scores, one GEMM per kv head
+      if (t0 + nt > L) {  // this tile holds tree positions: apply the mask there only
+        const int64_t c0 = std::max<int64_t>(0, L - t0);  // first tree column of the tile
+        s.narrow(2, c0, nt - c0).add_(bias.narrow(1, t0 + c0 - L, nt - c0));
       }
-      // A row that sees nothing (no diagonal bit, empty prefix) gets 0 and lse -inf, never 0/0.
-      const at::Tensor o = at::where((l > 0).unsqueeze(1), acc / l.unsqueeze(1), at::zeros_like(acc))
-                               .to(out.scalar_type())
-                               .contiguous();  // (nr, D)
-      const int64_t row_bytes = D * static_cast<int64_t>(out.element_size());
-      const char* src = static_cast<const char*>(o.data_ptr());
-      char* dst = static_cast<char*>(out.data_ptr());
-      const float* mp = m.data_ptr<float>();
-      const float* lp = l.data_ptr<float>();
-      float* lse_p = lse.numel() > 0 ? lse.data_ptr<float>() : nullptr;
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t n = (r0 + r) / G, h = hk * G + (r0 + r) % G;
-        std::memcpy(dst + ((b * N + n) * Hq + h) * row_bytes, src + r * row_bytes, row_bytes);
-        if (lse_p != nullptr) lse_p[(b * N + n) * Hq + h] = lp[r] > 0.f ? mp[r] + std::log(lp[r]) : neg_inf;
-      }
+      const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(2, /*keepdim=*/true)));
+      // Rows with nothing visible yet keep max -inf; shift them by 0 so exp gives 0, not NaN.
+      const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
+      const at::Tensor corr = (m - shift).exp_();
+      s.sub_(shift).exp_();
+      l.mul_(corr).add_(s.sum(2, /*keepdim=*/true));
+      acc.mul_(corr).baddbmm_(s, vf);
+      m = m_new;
+    }
+    // A row that sees nothing (no diagonal bit, empty prefix) gets 0 and lse -inf, never 0/0.
+    const at::Tensor seen = l > 0;
+    const at::Tensor o = at::where(seen, acc / l, at::zeros_like(acc));  // (Hkv, R, D)
+    ov[b].copy_(o.view({Hkv, N, G, D}));
+    if (lv.defined()) {
+      lv[b].copy_(at::where(seen, m + l.log(), at::full_like(m, neg_inf)).view({Hkv, N, G}));
     }
   }
 }
