@@ -12,6 +12,8 @@ TARGETS = {
     "llava_next": (T.llava_next, T.llava_next_inputs),
     "qwen2_vl": (T.qwen2_vl, T.qwen_inputs),
     "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
+    "qwen2": (T.qwen2_text, T.text_inputs),
+    "mistral": (T.mistral_text, T.text_inputs),
 }
 
 

@@ -169,3 +169,18 @@ def llava_next_inputs(batch_prompt_lens, seed=0, padding="left"):
         "pixel_values": torch.randn(len(rows), 3, 3, 32, 32, generator=g),
         "image_sizes": torch.tensor(sizes),
     }
+
+
+def qwen2_text(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in _qwen_text().items() if k != "rope_parameters"}
+    return Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+
+
+def mistral_text(seed=0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**_text_cfg().to_dict())).eval()

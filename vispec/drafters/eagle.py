@@ -202,6 +202,18 @@ class EagleDrafter(nn.Module):
     def lm_head(self):
         return self._shared[1]
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The target's lm_head on drafter states. On CPU a plain Linear head is applied as W @ h^T:
+        MKL's skinny GEMM for the few rows a draft step has is several times slower than that."""
+        head = self.lm_head
+        if h.device.type == "cpu" and type(head) is nn.Linear:
+            flat = h.reshape(-1, h.shape[-1])
+            out = torch.matmul(head.weight, flat.t()).t()
+            if head.bias is not None:
+                out = out + head.bias
+            return out.reshape(*h.shape[:-1], -1)
+        return head(h)
+
     # -- decoding state --------------------------------------------------------------------
     def begin(self, batch_size: int, max_len: int, device) -> None:
         c = self.config
@@ -265,7 +277,7 @@ class EagleDrafter(nn.Module):
         h = s["last_hidden"]  # (B, H): the drafter's output at each row's last committed position
         b, dev = h.shape[0], h.device
         lens = s["lens"]
-        logp = torch.log_softmax(self.lm_head(h).float(), -1)
+        logp = torch.log_softmax(self.logits(h).float(), -1)
         score, tok = logp.topk(k, -1)  # (B, k): level 1
         pool_score, pool_tok = [score], [tok]
         pool_parent = [torch.full((b, k), -1, dtype=torch.int64, device=dev)]
@@ -291,7 +303,7 @@ class EagleDrafter(nn.Module):
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
             pos = (lens - 1 + (d - 1)).unsqueeze(1).expand(b, k)
             hid = self._run(self.embed_tokens(front_tok), front_hid, pos, write, visible)  # (B, k, H)
-            lp = torch.log_softmax(self.lm_head(hid).float(), -1)
+            lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
             cum = front_score.unsqueeze(-1) + ctop  # cumulative log-prob of each child
             pool_score.append(cum.reshape(b, k * k))
