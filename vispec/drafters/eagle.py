@@ -215,6 +215,9 @@ class EagleDrafter(nn.Module):
         return head(h)
 
     # -- decoding state --------------------------------------------------------------------
+    # The drafter's cache holds one entry per drafter input; an entry's cache slot and its
+    # RoPE position may differ (drafters that drop or compress image positions keep the
+    # target's position ids), so both are tracked: ``lens`` (slots used) and ``next_pos``.
     def begin(self, batch_size: int, max_len: int, device) -> None:
         c = self.config
         dtype = self.fc.weight.dtype
@@ -223,39 +226,53 @@ class EagleDrafter(nn.Module):
             k=torch.zeros(shape, dtype=dtype, device=device),
             v=torch.zeros(shape, dtype=dtype, device=device),
             lens=torch.zeros(batch_size, dtype=torch.int64, device=device),
+            next_pos=torch.zeros(batch_size, dtype=torch.int64, device=device),
             last_hidden=None,
             max_len=max_len,
         )
 
-    def _run(self, embeds, features, positions, write_pos, visible):
-        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
-        s = self._state
-        return self.layer(x, positions, (s["k"], s["v"]), write_pos, visible)
+    def fuse(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Drafter input from (embedding of the next token, target feature): fc([e ; f])."""
+        return self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
 
-    def _append(self, embeds, features, n_valid, roots):
-        """Runs (B, T) new pairs causally after each row's committed prefix; commits n_valid of them.
+    def _append(self, x, positions, n_valid, roots):
+        """Runs (B, T) new inputs causally after each row's committed entries; commits n_valid of them.
 
-        ``roots`` (B,) is each row's last accepted token: the root of the next tree.
+        ``positions`` (B, T) are their RoPE positions; ``roots`` (B,) is each row's last accepted
+        token, the root of the next tree.
         """
         s = self._state
-        b, t, _ = embeds.shape
-        dev = embeds.device
-        pos = s["lens"].unsqueeze(1) + torch.arange(t, device=dev)  # (B, T)
-        if t > 0 and int(pos.max()) >= s["max_len"]:
+        b, t, _ = x.shape
+        dev = x.device
+        slots = s["lens"].unsqueeze(1) + torch.arange(t, device=dev)  # (B, T)
+        if t > 0 and int(slots.max()) >= s["max_len"]:
             raise ValueError(f"drafter cache of {s['max_len']} positions is full")
         keys = torch.arange(s["max_len"], device=dev)
-        visible = keys.view(1, 1, -1) <= pos.unsqueeze(-1)  # causal over prefix + new entries
-        hidden = self._run(embeds, features, pos, pos, visible)
+        visible = keys.view(1, 1, -1) <= slots.unsqueeze(-1)  # causal over committed + new entries
+        hidden = self.layer(x, positions, (s["k"], s["v"]), slots, visible)
+        rows = torch.arange(b, device=dev)
         last = (n_valid - 1).clamp(min=0)
-        s["last_hidden"] = hidden[torch.arange(b, device=dev), last]
+        has = n_valid > 0
+        s["last_hidden"] = torch.where(has.unsqueeze(1), hidden[rows, last], s["last_hidden"]) if s[
+            "last_hidden"] is not None else hidden[rows, last]
+        s["next_pos"] = torch.where(has, positions[rows, last] + 1, s["next_pos"])
         s["lens"] = s["lens"] + n_valid
         s["roots"] = roots
         return hidden
 
     def prefill(self, inputs: PrefillInputs) -> None:
-        emb = self.shifted_embeds(inputs)
+        x, positions, n_valid = self.prefill_sequence(inputs)
         self._state["lens"].zero_()
-        self._append(emb, inputs.features, inputs.lengths, inputs.next_tokens)
+        self._state["next_pos"].zero_()
+        self._state["last_hidden"] = None
+        self._append(x, positions, n_valid, inputs.next_tokens)
+
+    def prefill_sequence(self, inputs: PrefillInputs):
+        """(inputs (B, T, H), RoPE positions (B, T), valid count (B,)) of the prompt; EAGLE keeps every position."""
+        b, p, _ = inputs.inputs_embeds.shape
+        x = self.fuse(self.shifted_embeds(inputs), inputs.features)
+        positions = torch.arange(p, device=x.device).expand(b, p)
+        return x, positions, inputs.lengths
 
     def shifted_embeds(self, inputs: PrefillInputs) -> torch.Tensor:
         """Embedding of the token following each position: inputs_embeds[:, 1:] and the new token at the end."""
@@ -266,8 +283,11 @@ class EagleDrafter(nn.Module):
         return emb
 
     def extend(self, tokens, features, n_valid) -> None:
-        last = tokens[torch.arange(tokens.shape[0], device=tokens.device), (n_valid - 1).clamp(min=0)]
-        self._append(self.embed_tokens(tokens), features, n_valid, last)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        last = tokens[rows, (n_valid - 1).clamp(min=0)]
+        roots = torch.where(n_valid > 0, last, self._state["roots"])
+        positions = self._state["next_pos"].unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
+        self._append(self.fuse(self.embed_tokens(tokens), features), positions, n_valid, roots)
 
     # -- EAGLE-2 dynamic tree ----------------------------------------------------------------
     @torch.no_grad()
@@ -291,7 +311,7 @@ class EagleDrafter(nn.Module):
             raise ValueError(f"drafter cache of {s['max_len']} positions is full")
         base = k
         for d in range(2, depth + 1):
-            # Run the frontier (nodes at depth d-1) at position lens-1+(d-1), in tree slots (d-2)*k ...
+            # Run the frontier (nodes at depth d-1) at position next_pos-1+(d-1), in tree slots (d-2)*k ...
             slot = (d - 2) * k + torch.arange(k, device=dev)  # (k,)
             write = lens.unsqueeze(1) + slot  # (B, k)
             own = torch.zeros(b, k, slots, dtype=torch.bool, device=dev)
@@ -301,8 +321,9 @@ class EagleDrafter(nn.Module):
             tree_vis = torch.zeros(b, k, s["max_len"], dtype=torch.bool, device=dev)
             tree_vis.scatter_(2, (lens.view(b, 1, 1) + torch.arange(slots, device=dev)).expand(b, k, slots), anc)
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
-            pos = (lens - 1 + (d - 1)).unsqueeze(1).expand(b, k)
-            hid = self._run(self.embed_tokens(front_tok), front_hid, pos, write, visible)  # (B, k, H)
+            pos = (s["next_pos"] - 1 + (d - 1)).unsqueeze(1).expand(b, k)
+            x = self.fuse(self.embed_tokens(front_tok), front_hid)
+            hid = self.layer(x, pos, (s["k"], s["v"]), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
             cum = front_score.unsqueeze(-1) + ctop  # cumulative log-prob of each child
