@@ -1,6 +1,6 @@
 """vispec: vision-aware speculative decoding for Hugging Face VLMs, lossless, C++/CUDA accelerated."""
 from . import ops
-from .drafters import DraftTree, Drafter, EagleDrafter, PrefillInputs, TreeConfig
+from .drafters import DraftTree, Drafter, EagleDrafter, HiViSDrafter, PrefillInputs, TreeConfig, ViSpecDrafter, load_drafter
 from .accelerate import Accelerated, accelerate
 from .engine import GenerateOutput, GenerationStats, generate
 
@@ -15,6 +15,9 @@ __all__ = [
     "Drafter",
     "DraftTree",
     "EagleDrafter",
+    "ViSpecDrafter",
+    "HiViSDrafter",
+    "load_drafter",
     "PrefillInputs",
     "TreeConfig",
     "__version__",

@@ -32,6 +32,9 @@ class DrafterConfig:
     vocab_size: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    qkv_bias: bool = False  # q/k/v projections with bias (Qwen-based checkpoints)
+    fc_bias: bool = True
+    num_q: int = 2  # ViSpec: learnable queries per image (num_q - 1 compressed tokens + 1 global feature)
     drafter_type: str = "eagle"
 
     @classmethod
@@ -82,29 +85,48 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+class Attention(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        h, hd = c.hidden_size, c.head_dim
+        self.q_proj = nn.Linear(h, c.num_attention_heads * hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class DecoderLayer(nn.Module):
-    """Llama decoder layer without the input layernorm, attending over an external KV cache."""
+    """Llama decoder layer without the input layernorm (as EAGLE's first layer), over an external KV cache.
+
+    Parameter names follow the EAGLE / ViSpec checkpoints: ``self_attn.{q,k,v,o}_proj``,
+    ``mlp.{gate,up,down}_proj``, ``post_attention_layernorm``.
+    """
 
     def __init__(self, c: DrafterConfig):
         super().__init__()
         self.c = c
-        h, hd = c.hidden_size, c.head_dim
-        self.q_proj = nn.Linear(h, c.num_attention_heads * hd, bias=False)
-        self.k_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=False)
-        self.v_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
-        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
-        self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, positions, kv, write_pos, visible):
         """x (B, T, H); kv = (K, V) caches (B, Hkv, S, D) written at write_pos (B, T); visible (B, T, S) bool."""
         b, t, _ = x.shape
-        c = self.c
-        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        c, a = self.c, self.self_attn
+        q = a.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = a.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = a.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         keys, values = kv
         rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(write_pos)
@@ -113,9 +135,8 @@ class DecoderLayer(nn.Module):
         attn = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible.unsqueeze(1), enable_gqa=c.num_attention_heads != c.num_key_value_heads
         )
-        h = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        m = self.post_attention_layernorm(h)
-        return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+        h = x + a.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class EagleDrafter(nn.Module):
@@ -125,8 +146,8 @@ class EagleDrafter(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=True)
-        self.layer = DecoderLayer(config)
+        self.fc = nn.Linear(2 * h, h, bias=config.fc_bias)
+        self.layers = nn.ModuleList([DecoderLayer(config)])  # one layer; a list for the checkpoints' names
         # Shared with the target, frozen, not part of this module's parameters or state dict.
         self._shared = (embed_tokens, lm_head)
         self._state = None
@@ -177,6 +198,60 @@ class EagleDrafter(nn.Module):
         d = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
         d.check_target(model)
         d.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        p = next(model.parameters())
+        return d.to(device=p.device, dtype=p.dtype)
+
+    @classmethod
+    def from_official(cls, path, model, num_q: int = 2) -> "EagleDrafter":
+        """Loads an EAGLE-2 (SafeAILab/EAGLE) or ViSpec (KangJialiang/ViSpec) release checkpoint.
+
+        Their layout: config.json (hidden_size, intermediate_size, num_attention_heads,
+        num_key_value_heads, rms_norm_eps, rope_theta, vocab_size, optional qkv_bias and
+        bias) and pytorch_model.bin or model.safetensors with ``fc``, ``layers.0.*``, for
+        ViSpec ``imadpt.*`` and ``img_fc``, and a copy of the target's ``embed_tokens``
+        (dropped: the target's own embeddings are used). Head dim is hidden / heads, as
+        those codebases compute it. ``num_q`` is not in their config (default 2).
+        """
+        path = Path(path)
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} not found")
+        raw = json.loads(cfg_file.read_text())
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in raw]
+        if missing:
+            raise ValueError(f"{cfg_file} lacks {', '.join(missing)}: not an EAGLE / ViSpec checkpoint config")
+        heads = raw["num_attention_heads"]
+        config = DrafterConfig(
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw["hidden_size"] // heads,
+            vocab_size=raw["vocab_size"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            qkv_bias=bool(raw.get("qkv_bias", False)),
+            fc_bias=bool(raw.get("bias", True)),
+            num_q=num_q,
+            drafter_type=cls.drafter_type(),
+        )
+        if (path / WEIGHTS_NAME).is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(path / WEIGHTS_NAME))
+        elif (path / "pytorch_model.bin").is_file():
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor pytorch_model.bin")
+        state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head."))}
+        d = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
+        d.check_target(model)
+        result = d.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{path} does not match a {cls.drafter_type()} drafter: missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys}"
+            )
         p = next(model.parameters())
         return d.to(device=p.device, dtype=p.dtype)
 
@@ -249,7 +324,7 @@ class EagleDrafter(nn.Module):
             raise ValueError(f"drafter cache of {s['max_len']} positions is full")
         keys = torch.arange(s["max_len"], device=dev)
         visible = keys.view(1, 1, -1) <= slots.unsqueeze(-1)  # causal over committed + new entries
-        hidden = self.layer(x, positions, (s["k"], s["v"]), slots, visible)
+        hidden = self.layers[0](x, positions, (s["k"], s["v"]), slots, visible)
         rows = torch.arange(b, device=dev)
         last = (n_valid - 1).clamp(min=0)
         has = n_valid > 0
@@ -323,7 +398,7 @@ class EagleDrafter(nn.Module):
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
             pos = (s["next_pos"] - 1 + (d - 1)).unsqueeze(1).expand(b, k)
             x = self.fuse(self.embed_tokens(front_tok), front_hid)
-            hid = self.layer(x, pos, (s["k"], s["v"]), write, visible)  # (B, k, H)
+            hid = self.layers[0](x, pos, (s["k"], s["v"]), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
             cum = front_score.unsqueeze(-1) + ctop  # cumulative log-prob of each child

@@ -1,0 +1,178 @@
+"""ViSpec and HiViS drafters: sequence construction, losslessness, checkpoints (official layouts too)."""
+import json
+
+import pytest
+import torch
+
+import tiny_models as T
+import vispec
+from vispec.drafters import PrefillInputs, TreeConfig, load_drafter
+
+VLMS = {
+    "llava": (T.llava, T.llava_inputs),
+    "llava_next": (T.llava_next, T.llava_next_inputs),
+    "qwen2_vl": (T.qwen2_vl, T.qwen_inputs),
+    "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
+}
+KINDS = [vispec.EagleDrafter, vispec.ViSpecDrafter, vispec.HiViSDrafter]
+
+
+@pytest.fixture(scope="module", params=list(VLMS))
+def vlm(request):
+    build, make = VLMS[request.param]
+    return request.param, build(), make
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.drafter_type())
+def test_greedy_lossless_every_drafter(vlm, cls):
+    name, model, make = vlm
+    inputs = make([5, 9, 2], seed=21)
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    out = vispec.generate(model, cls.from_target(model, seed=1), **inputs, max_new_tokens=16, tree=TreeConfig(10, 3, 4))
+    assert torch.equal(out.sequences, ref)
+
+
+def two_image_prefill(model, n_img_tokens, image_token, lengths=(20, 31)):
+    """PrefillInputs by hand: row 0 holds two images, row 1 one image, then text."""
+    h = model.config.get_text_config().hidden_size
+    b, p = 2, max(lengths)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (b, p), generator=g)
+    ids[0, 2 : 2 + n_img_tokens] = image_token
+    ids[0, 4 + n_img_tokens : 4 + 2 * n_img_tokens] = image_token
+    ids[1, 0:n_img_tokens] = image_token  # an image at the very start
+    return PrefillInputs(
+        input_ids=ids,
+        inputs_embeds=torch.randn(b, p, h, generator=g),
+        features=torch.randn(b, p, h, generator=g),
+        lengths=torch.tensor(lengths),
+        next_tokens=torch.tensor([7, 8]),
+        image_mask=ids == image_token,
+    )
+
+
+@pytest.mark.parametrize("num_q", [1, 2, 4])
+def test_prefill_lengths(num_q):
+    model = T.llava()
+    n = 6
+    inputs = two_image_prefill(model, n, T.IMAGE_TOKEN)
+    lens = {}
+    for cls in KINDS:
+        d = cls.from_target(model, seed=0, num_q=num_q)
+        d.begin(2, 64, torch.device("cpu"))
+        d.prefill(inputs)
+        lens[cls.drafter_type()] = d._state["lens"].tolist()
+        assert d._state["next_pos"].tolist() == [20, 31]  # decoding continues over the uncompressed length
+    # ViSpec: each image shrinks by (image tokens - num_q + 1) ...
+    assert [e - v for e, v in zip(lens["eagle"], lens["vispec"])] == [2 * (n - num_q + 1), (n - 1) - min(num_q - 1, n - 1) + 0]
+    # ... HiViS keeps the text only.
+    assert lens["hivis"] == [20 - 2 * n, 31 - n]
+
+
+def test_vispec_sequence_construction():
+    model = T.llava()
+    n = 6
+    inputs = two_image_prefill(model, n, T.IMAGE_TOKEN)
+    d = vispec.ViSpecDrafter.from_target(model, seed=0, num_q=3)
+    d.begin(2, 64, torch.device("cpu"))
+    x, pos, count = d.prefill_sequence(inputs)
+    row = pos[0, : count[0]].tolist()
+    # Image 1 tokens 2..7 -> drafter positions 1..6 dropped, compressed at 5, 6; image 2 tokens 10..15 -> 9..14, at 13, 14.
+    assert row == [0, 5, 6, 7, 8, 13, 14] + list(range(15, 20))
+    comp = d.imadpt(inputs.inputs_embeds[0, 2:8])
+    assert torch.allclose(x[0, 1], comp[0]) and torch.allclose(x[0, 2], comp[1])  # raw, bypassing fc
+    # Text after image 2 sees image 2's global feature; text between images, image 1's.
+    g2 = d.imadpt(inputs.inputs_embeds[0, 10:16])[-1]
+    emb = d.shifted_embeds(inputs)
+    want = d.fuse(emb[0:1, 15:16], inputs.features[0:1, 15:16], g2.view(1, 1, -1))
+    assert torch.allclose(x[0, 7], want[0, 0], atol=1e-6)
+    assert torch.equal(d._state["glob"][0], g2.detach()) or torch.allclose(d._state["glob"][0], g2)
+
+
+def test_hivis_prefill_holds_no_image_position():
+    model = T.llava()
+    inputs = two_image_prefill(model, 6, T.IMAGE_TOKEN)
+    d = vispec.HiViSDrafter.from_target(model)
+    d.begin(2, 64, torch.device("cpu"))
+    x, pos, count = d.prefill_sequence(inputs)
+    for r in range(2):
+        kept = pos[r, : count[r]]
+        assert not inputs.image_mask[r, kept].any()
+        assert count[r] == int((~inputs.image_mask[r, : inputs.lengths[r]]).sum())
+
+
+def test_img_fc_starts_as_identity():
+    model = T.llava()
+    d = vispec.ViSpecDrafter.from_target(model, seed=0)
+    f, g = torch.randn(3, 64), torch.randn(3, 64)
+    assert torch.allclose(d.img_fc(torch.cat([f, g], -1)), f, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.drafter_type())
+def test_checkpoint_round_trip(tmp_path, cls):
+    model = T.qwen2_vl()
+    d = cls.from_target(model, seed=3)
+    d.save_pretrained(tmp_path)
+    back = load_drafter(tmp_path, model)
+    assert type(back) is cls
+    assert d.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.parametrize("cls,extra", [(vispec.EagleDrafter, {}), (vispec.ViSpecDrafter, {"qkv_bias": True})])
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_official_checkpoint_layout(tmp_path, cls, extra, fmt):
+    """State dicts named as EAGLE-2 / ViSpec releases name them load into our drafters."""
+    model = T.llava()
+    tc = model.config.get_text_config()
+    h, heads, kv, inter, v = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.intermediate_size, tc.vocab_size
+    hd = h // heads
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state = {
+        "embed_tokens.weight": rnd(v, h),  # shipped in the releases, ignored
+        "fc.weight": rnd(h, 2 * h), "fc.bias": rnd(h),
+        "layers.0.self_attn.q_proj.weight": rnd(heads * hd, h),
+        "layers.0.self_attn.k_proj.weight": rnd(kv * hd, h),
+        "layers.0.self_attn.v_proj.weight": rnd(kv * hd, h),
+        "layers.0.self_attn.o_proj.weight": rnd(h, heads * hd),
+        "layers.0.mlp.gate_proj.weight": rnd(inter, h),
+        "layers.0.mlp.up_proj.weight": rnd(inter, h),
+        "layers.0.mlp.down_proj.weight": rnd(h, inter),
+        "layers.0.post_attention_layernorm.weight": rnd(h),
+    }
+    if extra.get("qkv_bias"):
+        state.update({f"layers.0.self_attn.{p}_proj.bias": rnd(n * hd) for p, n in (("q", heads), ("k", kv), ("v", kv))})
+    if cls is vispec.ViSpecDrafter:
+        state.update({
+            "imadpt.q": rnd(2, heads, hd),
+            "imadpt.k_proj.weight": rnd(heads * hd, h), "imadpt.k_proj.bias": rnd(heads * hd),
+            "imadpt.v_proj.weight": rnd(heads * hd, h), "imadpt.v_proj.bias": rnd(heads * hd),
+            "imadpt.o_proj.weight": rnd(h, heads * hd),
+            "img_fc.weight": rnd(h, 2 * h), "img_fc.bias": rnd(h),
+        })
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": v, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "num_hidden_layers": 1, "bias": True, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if fmt == "bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp_path / "model.safetensors"))
+    d = cls.from_official(tmp_path, model)
+    own = d.state_dict()
+    for k, t in state.items():
+        if k.startswith("embed_tokens"):
+            continue
+        assert torch.equal(own[k], t), k
+    inputs = T.llava_inputs([5], seed=1)
+    ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(vispec.generate(model, d, **inputs, max_new_tokens=10).sequences, ref)
+    # A checkpoint of the other kind is refused with the keys named.
+    state.pop("fc.bias")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="missing \\['fc.bias'\\]"):
+        cls.from_official(tmp_path, model)
