@@ -254,3 +254,29 @@ def test_drop_in_falls_back_with_a_warning(kwargs, what):
     want_seq = want.sequences if hasattr(want, "sequences") else want
     got_seq = got.sequences if hasattr(got, "sequences") else got
     assert torch.equal(got_seq, want_seq) and handle.fallbacks == 1
+
+
+def tiny_tokenizer():
+    """An offline word-level tokenizer over the tiny models' vocabulary ("t0" .. "t159")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(T.VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0")
+
+
+def test_hf_text_streamer(capsys):
+    from transformers import TextStreamer
+
+    model = T.llama(seed=8)
+    tokenizer = tiny_tokenizer()
+    inputs = tokenizer(["t5 t17 t99 t3"], return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    out = vispec.generate(model, vispec.EagleDrafter.from_target(model), **inputs, max_new_tokens=12,
+                          streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert torch.equal(out.sequences, ref)
+    assert printed.strip() == tokenizer.decode(ref[0, 4:]).strip() != ""
