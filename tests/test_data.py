@@ -1,0 +1,129 @@
+"""vispec data generate: shards, resume without loss or duplicates, skipped samples."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_models as T
+from test_engine import tiny_tokenizer
+from vispec.data import LONG_ANSWER_SUFFIX, ShardDataset, done_ids, generate_shards, load_samples
+
+IMAGE_ID = 160
+
+
+def tiny_llava_and_processor():
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}t1"
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1, chat_template=tok.chat_template)
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=T._text_cfg(vocab_size=161), image_token_id=IMAGE_ID,
+                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model, proc
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    records = []
+    for i in range(7):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(tmp_path / "img" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png",
+                        "conversations": [{"from": "human", "value": f"<image>\nt{10 + i} t{20 + i}"}, {"from": "gpt", "value": "x"}]})
+    (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
+    records.append({"id": "bad", "image": "bad.png", "conversations": [{"from": "human", "value": "t5"}]})
+    records.append({"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "t6"}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "t7 t8 t9"}]})  # ShareGPT-style
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return path, tmp_path / "img"
+
+
+def test_generate_resume_skip(tmp_path, dataset):
+    path, images = dataset
+    model, proc = tiny_llava_and_processor()
+    samples = load_samples(path)
+    assert [s.image for s in samples][-3:] == ["bad.png", "nope.png", None]
+    out = tmp_path / "shards"
+    # An interrupted run: only the first 4 samples get through.
+    c1 = generate_shards(model, proc, samples[:4], out, images, suffix="t2 t3", max_new_tokens=6, batch_size=3, shard_size=2, progress=False)
+    assert c1 == {"written": 4, "skipped": 0, "already_done": 0}
+    (out / "shard-99999.tmp").write_bytes(b"half-written")  # a crash mid-write leaves a temp file
+    c2 = generate_shards(model, proc, samples, out, images, suffix="t2 t3", max_new_tokens=6, batch_size=3, shard_size=2, progress=False)
+    assert c2 == {"written": 4, "skipped": 2, "already_done": 4}
+    assert not list(out.glob("*.tmp"))
+    ids = [ShardDataset(out)[i]["id"] for i in range(len(ShardDataset(out)))]
+    assert sorted(ids) == sorted(["s0", "s1", "s2", "s3", "s4", "s5", "s6", "text"])  # none lost, none twice
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {s["id"] for s in skipped} == {"bad", "missing"} and all("image" in s["reason"] for s in skipped)
+    # A third run has nothing left to do.
+    c3 = generate_shards(model, proc, samples, out, images, max_new_tokens=6, progress=False)
+    assert c3["written"] == 0 and c3["already_done"] == 10
+    assert done_ids(out) == set(ids)
+
+
+def test_stored_sample_contents(tmp_path, dataset):
+    path, images = dataset
+    model, proc = tiny_llava_and_processor()
+    samples = load_samples(path)[:2]
+    out = tmp_path / "shards"
+    generate_shards(model, proc, samples, out, images, suffix="t2 t3", max_new_tokens=5, batch_size=2, progress=False)
+    ds = ShardDataset(out)
+    for i, s in enumerate(samples):
+        rec = ds[i]
+        ids = rec["input_ids"]
+        assert (rec["image_mask"].bool() == (ids == IMAGE_ID)).all() and int(rec["image_mask"].sum()) == 16
+        assert int(rec["loss_mask"].sum()) == 5 and rec["loss_mask"][-5:].all()  # the generated answer
+        assert rec["hidden"].dtype == torch.bfloat16 and rec["hidden"].shape == (len(ids), 64)
+        assert rec["image_embeds"].shape == (16, 64)
+        # The answer is the target's greedy answer to that prompt, and the hidden states its own.
+        img = Image.open(images / s.image).convert("RGB")
+        prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{s.instruction} t2 t3"}]}], add_generation_prompt=True, tokenize=False)
+        inp = proc(text=[prompt], images=[img], return_tensors="pt")
+        inp.pop("token_type_ids", None)
+        ref = model.generate(**inp, max_new_tokens=5, do_sample=False)[0]
+        assert torch.equal(ids, ref)
+        with torch.no_grad():
+            h = model.model(input_ids=ref[None], pixel_values=inp["pixel_values"]).last_hidden_state[0]
+        torch.testing.assert_close(rec["hidden"].float(), h, atol=2e-2, rtol=2e-2)
+
+
+def test_load_samples_errors(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"id": 1, "conversations": [{"from": "human", "value": "a"}]}, {"id": 1, "conversations": [{"from": "human", "value": "b"}]}]))
+    with pytest.raises(ValueError, match="sample id '1' appears twice"):
+        load_samples(p)
+    p.write_text(json.dumps([{"id": 1, "conversations": [{"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(ValueError, match="has no human turn"):
+        load_samples(p)
+    assert "1000 words" in LONG_ANSWER_SUFFIX
+
+
+def test_cli_data_generate(tmp_path, dataset):
+    from vispec.cli import main
+
+    path, images = dataset
+    model, proc = tiny_llava_and_processor()
+    model.save_pretrained(tmp_path / "target")
+    proc.save_pretrained(tmp_path / "target")
+    args = ["data", "generate", "--model", str(tmp_path / "target"), "--data", str(path), "--images-root", str(images),
+            "--out", str(tmp_path / "shards"), "--max-new-tokens", "4", "--batch-size", "4", "--shard-size", "3", "--limit", "5"]
+    assert main(args) == 0
+    assert len(ShardDataset(tmp_path / "shards")) == 5
+    assert main(args[:-1] + ["9"]) == 0  # resume with more samples: only the new ones are generated
+    ds = ShardDataset(tmp_path / "shards")
+    assert len(ds) == 7 and len({ds[i]["id"] for i in range(len(ds))}) == 7
+    assert main(args[:-2] + ["--batch-size", "0"]) == 2

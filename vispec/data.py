@@ -1,0 +1,272 @@
+"""Drafter training data: the target answers (long) prompts, and what the drafter learns from is stored.
+
+``vispec data generate`` runs the target over image + instruction samples (LLaVA-style
+JSON / JSONL with image paths) or text conversations (ShareGPT-style, for stage 1),
+appends a long-answer suffix ("Please answer with at least 1000 words." as ViSpec),
+generates (greedy by default), then runs one forward over prompt + answer and writes
+shards (safetensors) holding, per sample:
+
+    input_ids    (L,)      int64   prompt + answer
+    loss_mask    (L,)      uint8   1 on generated tokens
+    image_mask   (L,)      uint8   1 at image / video positions
+    hidden       (L, H)    bf16    the target's last hidden states (after the final norm)
+    image_embeds (n, H)    bf16    the input embeddings at image positions (projected vision
+                                   features); text embeddings come back from input_ids
+
+A shard is written to a temporary name and renamed when complete, and carries the
+ids of its samples in its metadata, so an interrupted run resumes without losing or
+duplicating samples. Unreadable or missing images skip the sample, with the reason
+logged in ``skipped.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("vispec.data")
+
+LONG_ANSWER_SUFFIX = "Please answer with at least 1000 words."
+SHARD_GLOB = "shard-*.safetensors"
+
+
+@dataclass
+class Sample:
+    id: str
+    instruction: str
+    image: str | None = None  # path, relative to the images root
+
+
+def load_samples(path) -> list[Sample]:
+    """LLaVA-style records ({"id", "image", "conversations": [{"from": "human", "value": ...}, ...]}) or
+    ShareGPT-style ones (no "image"); the first human turn is the instruction. JSON list or JSONL."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of samples")
+    samples, seen = [], set()
+    for i, r in enumerate(records):
+        sid = str(r.get("id", i))
+        if sid in seen:
+            raise ValueError(f"{path}: sample id {sid!r} appears twice; ids must be unique to resume safely")
+        seen.add(sid)
+        turns = r.get("conversations") or r.get("messages") or []
+        human = next((t for t in turns if t.get("from", t.get("role")) in ("human", "user")), None)
+        if human is None:
+            raise ValueError(f"{path}: sample {sid!r} has no human turn")
+        instr = str(human.get("value", human.get("content", ""))).replace("<image>", "").strip()
+        samples.append(Sample(sid, instr, r.get("image")))
+    return samples
+
+
+def done_ids(out_dir: Path) -> set[str]:
+    """Ids stored in complete shards (a shard only gets its final name once fully written)."""
+    from safetensors import safe_open
+
+    ids = set()
+    for shard in sorted(out_dir.glob(SHARD_GLOB)):
+        with safe_open(str(shard), "pt") as f:
+            ids.update(json.loads(f.metadata()["ids"]))
+    return ids
+
+
+def skipped_ids(out_dir: Path) -> set[str]:
+    f = out_dir / "skipped.jsonl"
+    if not f.exists():
+        return set()
+    return {json.loads(line)["id"] for line in f.read_text().splitlines() if line.strip()}
+
+
+def build_prompt(processor, sample: Sample, suffix: str, has_image: bool) -> str:
+    instruction = f"{sample.instruction} {suffix}".strip() if suffix else sample.instruction
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": instruction}]
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None):
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    token = getattr(processor, "image_token", "<image>")
+    return f"{token}\n{instruction}" if has_image else instruction
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.tensors, self.ids = {}, []
+        existing = sorted(out_dir.glob(SHARD_GLOB))
+        self.next_index = 1 + max((int(p.stem.split("-")[1]) for p in existing), default=-1)
+
+    def add(self, sid: str, record: dict) -> None:
+        k = len(self.ids)
+        for name, t in record.items():
+            self.tensors[f"{k}.{name}"] = t.contiguous().cpu()
+        self.ids.append(sid)
+        if len(self.ids) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        from safetensors.torch import save_file
+
+        final = self.out_dir / f"shard-{self.next_index:05d}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(self.tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "count": str(len(self.ids))})
+        os.replace(tmp, final)  # atomic: a shard is either complete or absent
+        self.next_index += 1
+        self.tensors, self.ids = {}, []
+
+
+@torch.inference_mode()
+def generate_shards(
+    model,
+    processor,
+    samples: list[Sample],
+    out_dir,
+    images_root=None,
+    suffix: str = LONG_ANSWER_SUFFIX,
+    max_new_tokens: int = 1024,
+    batch_size: int = 4,
+    shard_size: int = 64,
+    temperature: float = 0.0,
+    progress: bool = True,
+) -> dict:
+    """Generates and stores the training data of ``samples`` (resumes what ``out_dir`` already holds).
+
+    Returns counts: {"written", "skipped", "already_done"}.
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob("*.tmp"):
+        tmp.unlink()  # a shard interrupted while being written
+    done = done_ids(out_dir) | skipped_ids(out_dir)
+    todo = [s for s in samples if s.id not in done]
+    writer = _ShardWriter(out_dir, shard_size)
+    root = Path(images_root) if images_root is not None else None
+    image_ids = {getattr(model.config, n, None) for n in ("image_token_id", "image_token_index", "video_token_id")} - {None}
+    embed = model.get_input_embeddings()
+    counts = {"written": 0, "skipped": 0, "already_done": len(samples) - len(todo)}
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch, images = [], []
+        for s in todo[start : start + batch_size]:
+            img = None
+            if s.image is not None:
+                p = (root / s.image) if root is not None else Path(s.image)
+                try:
+                    with Image.open(p) as im:
+                        img = im.convert("RGB")
+                except Exception as e:  # missing, truncated, not an image: skip this sample, keep going
+                    _log_skip(out_dir, s.id, f"image {p}: {type(e).__name__}: {e}")
+                    counts["skipped"] += 1
+                    bar.update(1)
+                    continue
+            batch.append(s)
+            images.append(img)
+        if not batch:
+            continue
+        # Image and text-only samples are processed in separate groups (processors want all or none).
+        for group in (
+            [(s, im) for s, im in zip(batch, images) if im is not None],
+            [(s, im) for s, im in zip(batch, images) if im is None],
+        ):
+            if not group:
+                continue
+            texts = [build_prompt(processor, s, suffix, im is not None) for s, im in group]
+            kw = {"images": [im for _, im in group]} if group[0][1] is not None else {}
+            inputs = processor(text=texts, padding=True, return_tensors="pt", **kw).to(model.device)
+            inputs.pop("token_type_ids", None)
+            gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+            if temperature > 0:
+                gen_kw["temperature"] = temperature
+            seqs = model.generate(**inputs, **gen_kw)
+            p = inputs["input_ids"].shape[1]
+            full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seqs[:, p:])], 1)
+            # Padding after EOS is not an answer: cut each row at its first pad after the prompt.
+            pad = tok.pad_token_id
+            for r in range(seqs.shape[0]):
+                tail = (seqs[r, p:] == pad).nonzero()
+                if len(tail):
+                    full_mask[r, p + int(tail[0]) :] = 0
+            box = {}
+            lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+            handle = lm.register_forward_pre_hook(lambda m, a, k: box.__setitem__("emb", k.get("inputs_embeds")), with_kwargs=True)
+            try:
+                fwd = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+                if "mm_token_type_ids" in fwd:
+                    fwd["mm_token_type_ids"] = torch.cat([fwd["mm_token_type_ids"], torch.zeros_like(seqs[:, p:])], 1)
+                if not any(k in fwd for k in ("image_grid_thw", "video_grid_thw")):  # M-RoPE models place themselves
+                    fwd["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate does, padding-aware
+                hidden = model.model(input_ids=seqs, attention_mask=full_mask, **fwd).last_hidden_state
+            finally:
+                handle.remove()
+            emb = box.get("emb")
+            if emb is None:
+                emb = embed(seqs)
+            for r, (s, _) in enumerate(group):
+                keep = full_mask[r].bool()
+                ids = seqs[r][keep]
+                n_prompt = int(inputs["attention_mask"][r].sum())
+                loss = torch.zeros(len(ids), dtype=torch.uint8)
+                loss[n_prompt:] = 1
+                img_mask = torch.isin(ids.cpu(), torch.tensor(sorted(image_ids))) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
+                writer.add(s.id, {
+                    "input_ids": ids.cpu(),
+                    "loss_mask": loss,
+                    "image_mask": img_mask.to(torch.uint8),
+                    "hidden": hidden[r][keep].to(torch.bfloat16),
+                    "image_embeds": emb[r][keep][img_mask.to(emb.device)].to(torch.bfloat16),
+                })
+                counts["written"] += 1
+                bar.update(1)
+    writer.flush()
+    bar.close()
+    return counts
+
+
+def _log_skip(out_dir: Path, sid: str, reason: str) -> None:
+    log.warning("skipping sample %s: %s", sid, reason)
+    with open(out_dir / "skipped.jsonl", "a") as f:
+        f.write(json.dumps({"id": sid, "reason": reason}) + "\n")
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Samples of a ``generate_shards`` directory, each a dict of the stored tensors."""
+
+    def __init__(self, data_dir):
+        from safetensors import safe_open
+
+        self.index = []
+        shards = sorted(Path(data_dir).glob(SHARD_GLOB))
+        if not shards:
+            raise FileNotFoundError(f"no {SHARD_GLOB} in {data_dir}: run `vispec data generate` first")
+        for shard in shards:
+            with safe_open(str(shard), "pt") as f:
+                ids = json.loads(f.metadata()["ids"])
+            self.index += [(shard, k, sid) for k, sid in enumerate(ids)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        from safetensors import safe_open
+
+        shard, k, sid = self.index[i]
+        with safe_open(str(shard), "pt") as f:
+            names = [n for n in f.keys() if n.startswith(f"{k}.")]
+            out = {n.split(".", 1)[1]: f.get_tensor(n) for n in names}
+        out["id"] = sid
+        return out
