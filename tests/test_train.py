@@ -1,0 +1,100 @@
+"""vispec train: training raises tau, keeps losslessness, resumes exactly."""
+import pytest
+import torch
+
+import vispec
+from test_data import tiny_llava_and_processor
+from vispec.data import ShardDataset, build_prompt, generate_shards, load_samples
+from vispec.drafters import TreeConfig
+from vispec.train import TrainConfig, evaluate_tau, train
+
+TREE = TreeConfig(6, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny LLaVA, its greedy long answers to 14 image prompts (shards), and 3 held-out prompts."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(1)
+    (root / "img").mkdir()
+    recs = []
+    for i in range(17):
+        Image.fromarray((rng.random((36, 36, 3)) * 255).astype("uint8")).save(root / "img" / f"{i}.png")
+        recs.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": f"t{30 + i} t{60 + i}"}]})
+    (root / "data.json").write_text(json.dumps(recs))
+    model, proc = tiny_llava_and_processor()
+    samples = load_samples(root / "data.json")
+    generate_shards(model, proc, samples[:14], root / "shards", root / "img", suffix="t2", max_new_tokens=40,
+                    batch_size=7, progress=False)
+    held = []
+    for s in samples[14:]:
+        img = Image.open(root / "img" / s.image).convert("RGB")
+        inp = proc(text=[build_prompt(proc, s, "t2", True)], images=[img], return_tensors="pt")
+        inp.pop("token_type_ids", None)
+        held.append(dict(inp))
+    return model, ShardDataset(root / "shards"), held
+
+
+@pytest.mark.parametrize("kind", ["eagle", "vispec", "hivis"])
+def test_training_raises_tau_and_stays_lossless(tmp_path, corpus, kind):
+    model, data, held = corpus
+    cls = vispec.drafters.DRAFTERS[kind]
+    drafter = cls.from_target(model, seed=0)
+    before = evaluate_tau(model, drafter, held, 40, TREE)
+    cfg = TrainConfig(stage=1, epochs=16, lr=3e-3, warmup_steps=10, passes=2, log_every=1000)
+    res = train(model, drafter, data, cfg, tmp_path / kind, eval_inputs=held[:1], eval_tokens=20, tree=TREE, progress=False)
+    after = evaluate_tau(model, drafter, held, 40, TREE)
+    assert res["steps"] == 16 * 14 and len(res["tau_history"]) == 16
+    assert after > before + 0.5, (kind, before, after)
+    for inp in held:  # a trained drafter changes speed, never the output
+        ref = model.generate(**inp, max_new_tokens=30, do_sample=False)
+        assert torch.equal(vispec.generate(model, drafter, **inp, max_new_tokens=30, tree=TREE).sequences, ref)
+    back = vispec.load_drafter(tmp_path / kind / "final", model)
+    assert all(torch.equal(a, b) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))
+
+
+def test_resume_gives_the_uninterrupted_state(tmp_path, corpus):
+    model, data, _ = corpus
+    cfg = TrainConfig(stage=2, epochs=3, lr=1e-3, warmup_steps=5, passes=2, log_every=1000)
+    a = vispec.ViSpecDrafter.from_target(model, seed=4)
+    train(model, a, data, cfg, tmp_path / "a", progress=False)
+    b = vispec.ViSpecDrafter.from_target(model, seed=4)
+    r1 = train(model, b, data, cfg, tmp_path / "b", max_steps=17, progress=False)  # interrupted mid-epoch 2
+    assert r1["steps"] == 17
+    c = vispec.ViSpecDrafter.from_target(model, seed=99)  # a fresh process: weights come from the checkpoint
+    r2 = train(model, c, data, cfg, tmp_path / "b", progress=False)
+    assert r2["steps"] == 3 * 14
+    for (k, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_cli_train_stage1_then_stage2(tmp_path, corpus):
+    import json
+
+    from vispec.cli import main
+
+    model, data, _ = corpus
+    from test_data import tiny_llava_and_processor
+
+    _, proc = tiny_llava_and_processor()
+    model.save_pretrained(tmp_path / "target")
+    proc.save_pretrained(tmp_path / "target")
+    shard_dir = str(data.index[0][0].parent)
+    held = tmp_path / "held.json"
+    img_dir = data.index[0][0].parent.parent / "img"
+    held.write_text(json.dumps([{"id": "h", "image": "15.png", "conversations": [{"from": "human", "value": "t45"}]}]))
+    common = ["--model", str(tmp_path / "target"), "--data", shard_dir, "--epochs", "2", "--lr", "1e-3",
+              "--tree", "6", "3", "2"]
+    assert main(["train", *common, "--drafter", "eagle", "--out", str(tmp_path / "s1")]) == 0
+    assert (tmp_path / "s1" / "final" / "config.json").is_file()
+    assert main(["train", *common, "--drafter", "vispec", "--stage", "2", "--init", str(tmp_path / "s1" / "final"),
+                 "--out", str(tmp_path / "s2"), "--eval-data", str(held), "--images-root", str(img_dir),
+                 "--suffix", "t2", "--eval-tokens", "8"]) == 0
+    d = vispec.load_drafter(tmp_path / "s2" / "final", model)
+    s1 = vispec.load_drafter(tmp_path / "s1" / "final", model)
+    assert type(d) is vispec.ViSpecDrafter and not torch.equal(d.fc.weight, s1.fc.weight)  # stage 2 trained on

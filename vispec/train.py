@@ -1,0 +1,268 @@
+"""Training a drafter (EAGLE, ViSpec or HiViS) on shards from ``vispec data generate``.
+
+Teacher forcing, as in EAGLE / ViSpec: the drafter reads the target's features and
+the next tokens' embeddings over a whole stored sequence and predicts, at each of its
+positions i, the target's next feature f_{i+1} and hence the next token's
+distribution softmax(lm_head(f_{i+1})). Losses (weights per stage, all configurable):
+
+    feature   SmoothL1(pred_i, f_{i+1})                                 stage 1: 1.0   stage 2: 0
+    soft CE   -sum_v p_target(v) log p_draft(v)                        stage 1: 0.1   stage 2: 0.1
+    prob L1   sum_v |p_draft(v) - p_target(v)|  (ViSpec's stage-2 loss)  stage 1: 0     stage 2: 10
+
+on the positions whose next token is part of the generated answer. EAGLE feature
+noise (U - 0.5) * 0.2 * 512 / seq_len is added to the input features. The
+self-correction passes (``passes`` > 1) rerun the sequence with the drafter's own
+predicted features, shifted right by one, in place of the target's (f_0 kept), and
+add their losses; gradients flow through all passes. AdamW (0.9, 0.95), linear
+warmup then linear decay, gradient clipping, bf16 autocast on GPUs; one device or
+several through ``accelerate launch`` / torchrun (DDP via accelerate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .drafters.base import PrefillInputs
+
+STAGES = {
+    1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0),
+    2: dict(w_feature=0.0, w_ce=0.1, w_l1=10.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    epochs: int = 20
+    lr: float = 3e-5
+    warmup_steps: int | None = None  # default: one epoch of steps (ViSpec)
+    batch_size: int = 1
+    grad_clip: float = 0.5
+    weight_decay: float = 0.0
+    passes: int = 2  # 1 = no self-correction pass
+    noise: bool = True
+    max_len: int = 4096
+    w_feature: float | None = None
+    w_ce: float | None = None
+    w_l1: float | None = None
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+    def weights(self):
+        base = STAGES[self.stage]
+        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
+
+
+def sample_to_inputs(rec: dict, embed, image_token_mask: bool = True) -> tuple[PrefillInputs, dict]:
+    """A stored sample as the drafter's prefill view of the whole sequence, plus the training targets.
+
+    Drafter position i pairs f_i with token i+1's embedding (i < L-1) and is scored against f_{i+1}.
+    """
+    ids = rec["input_ids"].long()
+    n = ids.shape[0]
+    dtype = embed.weight.dtype  # the drafter runs in the target's dtype; hidden states were stored in bf16
+    hidden = rec["hidden"].to(dtype)
+    emb = embed(ids.to(embed.weight.device))
+    img = rec["image_mask"].bool()
+    if img.any():
+        emb = emb.clone()
+        emb[img.to(emb.device)] = rec["image_embeds"].to(emb.device, emb.dtype)
+    dev = emb.device
+    inputs = PrefillInputs(
+        input_ids=ids[:-1].unsqueeze(0).to(dev),
+        inputs_embeds=emb[:-1].unsqueeze(0),
+        features=hidden[:-1].unsqueeze(0).to(dev, emb.dtype),
+        lengths=torch.tensor([n - 1], device=dev),
+        next_tokens=ids[-1:].to(dev),
+        image_mask=img[:-1].unsqueeze(0).to(dev) if image_token_mask else None,
+    )
+    targets = dict(next_features=hidden[1:].to(dev, emb.dtype), loss_mask=rec["loss_mask"][1:].bool().to(dev))
+    return inputs, targets
+
+
+def drafter_forward(drafter, inputs: PrefillInputs, features_override=None):
+    """Teacher-forced drafter outputs over a prompt-like sequence: (hidden (T, H), original positions (T,))."""
+    if features_override is not None:
+        inputs = PrefillInputs(**{**inputs.__dict__, "features": features_override})
+    p = inputs.inputs_embeds.shape[1]
+    drafter.begin(1, p, inputs.inputs_embeds.device)  # a fresh cache per sequence: no decoding state
+    x, positions, counts = drafter.prefill_sequence(inputs)
+    t = int(counts[0])
+    x, positions = x[:, :t], positions[:, :t]
+    slots = torch.arange(t, device=x.device)
+    visible = slots.view(1, 1, -1) <= slots.view(1, -1, 1)  # causal over the drafter's own sequence
+    st = drafter._state
+    kv = (st["k"][:, :, :t].to(x.dtype), st["v"][:, :, :t].to(x.dtype))
+    hidden = drafter.layers[0](x, positions, kv, slots.unsqueeze(0), visible)
+    return hidden[0], positions[0]
+
+
+def step_loss(drafter, rec, cfg: TrainConfig, lm_head, embed, generator=None):
+    """Total loss of one sample over all passes, and its parts (floats) for logging."""
+    inputs, tg = sample_to_inputs(rec, embed)
+    w = cfg.weights()
+    feats = inputs.features
+    if cfg.noise:
+        u = torch.rand(feats.shape, generator=generator, device="cpu").to(feats.device, feats.dtype)
+        inputs = PrefillInputs(**{**inputs.__dict__, "features": feats + (u - 0.5) * 0.2 * 512 / feats.shape[1]})
+    with torch.no_grad():
+        target_logp = torch.log_softmax(lm_head(tg["next_features"]).float(), -1)  # (L-1, V)
+    total, parts, override = 0.0, {"feature": 0.0, "ce": 0.0, "l1": 0.0}, None
+    for _ in range(max(cfg.passes, 1)):
+        hid, pos = drafter_forward(drafter, inputs, override)
+        mask = tg["loss_mask"][pos]
+        if not bool(mask.any()):
+            break
+        pred = hid[mask]
+        tgt_f = tg["next_features"][pos[mask]]
+        tlp = target_logp[pos[mask]]
+        dlp = torch.log_softmax(lm_head(pred).float(), -1)
+        tp = tlp.exp()
+        l_feat = F.smooth_l1_loss(pred.float(), tgt_f.float())
+        l_ce = -(tp * dlp).sum(-1).mean()
+        l_l1 = (dlp.exp() - tp).abs().sum(-1).mean()
+        total = total + w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1
+        parts["feature"] += float(l_feat.detach())
+        parts["ce"] += float(l_ce.detach())
+        parts["l1"] += float(l_l1.detach())
+        # Self-correction: the next pass reads the drafter's own predictions as features, shifted right
+        # by one (position i gets the prediction made at the position before it; f_0 stays the target's).
+        nxt = inputs.features.clone()
+        tgt_pos = pos + 1
+        ok = tgt_pos < nxt.shape[1]
+        nxt[0, tgt_pos[ok]] = hid[ok].to(nxt.dtype)
+        override = nxt
+    return total, parts
+
+
+def evaluate_tau(model, drafter, eval_inputs: list[dict], max_new_tokens: int = 64, tree=None) -> float:
+    """Mean accepted draft tokens per target forward (bonus excluded) with the real engine, greedy."""
+    from .engine import generate
+
+    acc = steps = 0
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        for inp in eval_inputs:
+            out = generate(model, drafter, **inp, max_new_tokens=max_new_tokens, tree=tree)
+            acc += out.stats.accepted_draft_tokens
+            steps += out.stats.row_steps
+    finally:
+        drafter.train(was_training)
+    return acc / max(steps, 1)
+
+
+def train(
+    model,
+    drafter,
+    dataset,
+    cfg: TrainConfig,
+    out_dir,
+    eval_inputs: list[dict] | None = None,
+    eval_tokens: int = 64,
+    tree=None,
+    resume: bool = True,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Trains ``drafter`` in place; checkpoints under out_dir/checkpoint-*/ (resumable), final in out_dir/final.
+
+    Returns {"steps", "tau_history": [(epoch, tau), ...], "last_loss"}. ``max_steps`` stops early
+    (after saving), which is how an interruption is simulated.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from transformers import get_linear_schedule_with_warmup
+
+    out_dir = Path(out_dir)
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    # The vision adaptor gets no gradient from text-only samples: let DDP tolerate unused parameters.
+    accelerator = Accelerator(mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    n = len(dataset)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps_per_epoch
+    sched = get_linear_schedule_with_warmup(opt, warmup, total_steps)
+    drafter, opt, sched = accelerator.prepare(drafter, opt, sched)
+    core = accelerator.unwrap_model(drafter)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tau_history": []}
+    ckpts = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
+    if ckpts:
+        accelerator.load_state(str(ckpts[-1]))
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if ckpts:
+        gen.set_state(torch.load(ckpts[-1] / "noise_rng.pt", weights_only=True))
+
+    def save():
+        ck = out_dir / f"checkpoint-{state['global_step']}"
+        accelerator.save_state(str(ck))
+        if accelerator.is_main_process:
+            (ck / "trainer_state.json").write_text(json.dumps(state))
+            torch.save(gen.get_state(), ck / "noise_rng.pt")
+            (ck / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    drafter.train()
+    last = None
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {core.drafter_type()}",
+               disable=not (progress and accelerator.is_local_main_process))
+    stopped = False
+    while state["epoch"] < cfg.epochs and not stopped:
+        order = list(range(n))
+        random.Random(cfg.seed * 1000 + state["epoch"]).shuffle(order)  # same order after a resume
+        shard = order[accelerator.process_index :: accelerator.num_processes]
+        batches = [shard[i : i + cfg.batch_size] for i in range(0, len(shard), cfg.batch_size)]
+        for bi in range(state["step_in_epoch"], len(batches)):
+            opt.zero_grad()
+            loss_sum, parts = 0.0, None
+            for idx in batches[bi]:
+                with accelerator.autocast():
+                    loss, parts = step_loss(core, dataset[idx], cfg, lm_head, embed, gen)
+                if isinstance(loss, torch.Tensor):
+                    accelerator.backward(loss / len(batches[bi]))
+                    loss_sum += float(loss.detach()) / len(batches[bi])
+            if cfg.grad_clip:
+                accelerator.clip_grad_value_(drafter.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] = bi + 1
+            last = loss_sum
+            bar.update(1)
+            if state["global_step"] % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss_sum:.4f}", **({"tau": f"{state['tau_history'][-1][1]:.2f}"} if state["tau_history"] else {}))
+            if max_steps is not None and state["global_step"] >= max_steps:
+                save()
+                stopped = True
+                break
+        if stopped:
+            break
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        if eval_inputs:
+            tau = evaluate_tau(model, core, eval_inputs, eval_tokens, tree)
+            state["tau_history"].append((state["epoch"], tau))
+            bar.set_postfix(loss=f"{last:.4f}" if last is not None else "-", tau=f"{tau:.2f}")
+        save()
+    bar.close()
+    if not stopped and accelerator.is_main_process:
+        core.save_pretrained(out_dir / "final")
+    return {"steps": state["global_step"], "tau_history": state["tau_history"], "last_loss": last}
