@@ -141,7 +141,26 @@ def step_loss(drafter, rec, cfg: TrainConfig, lm_head, embed, generator=None):
         ok = tgt_pos < nxt.shape[1]
         nxt[0, tgt_pos[ok]] = hid[ok].to(nxt.dtype)
         override = nxt
+    if not isinstance(total, torch.Tensor):
+        # No answer position in this sample: a zero loss that still touches every parameter, so that under
+        # DDP every rank runs a backward (a rank that skipped it would leave the others waiting).
+        total = sum(p.sum() for p in drafter.parameters()) * 0.0
     return total, parts
+
+
+class _TrainStep(torch.nn.Module):
+    """One sample's whole multi-pass loss as a module forward, so that DDP (through accelerate) sees
+    exactly one forward per backward and all-reduces the drafter's gradients."""
+
+    def __init__(self, drafter, cfg: TrainConfig, lm_head, embed):
+        super().__init__()
+        self.drafter = drafter
+        self.cfg = cfg
+        self._frozen = (lm_head, embed)  # the target's, not parameters of this module
+
+    def forward(self, rec, generator):
+        lm_head, embed = self._frozen
+        return step_loss(self.drafter, rec, self.cfg, lm_head, embed, generator)
 
 
 def evaluate_tau(model, drafter, eval_inputs: list[dict], max_new_tokens: int = 64, tree=None) -> float:
@@ -187,7 +206,9 @@ def train(
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
     # The vision adaptor gets no gradient from text-only samples: let DDP tolerate unused parameters.
-    accelerator = Accelerator(mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # cpu=True without a GPU lets torchrun / accelerate launch run DDP over gloo on CPU processes too.
+    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     for p in model.parameters():
@@ -200,8 +221,8 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps_per_epoch
     sched = get_linear_schedule_with_warmup(opt, warmup, total_steps)
-    drafter, opt, sched = accelerator.prepare(drafter, opt, sched)
-    core = accelerator.unwrap_model(drafter)
+    stepper, opt, sched = accelerator.prepare(_TrainStep(drafter, cfg, lm_head, embed), opt, sched)
+    core = accelerator.unwrap_model(stepper).drafter
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tau_history": []}
     ckpts = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
@@ -220,7 +241,7 @@ def train(
             torch.save(gen.get_state(), ck / "noise_rng.pt")
             (ck / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    drafter.train()
+    stepper.train()
     last = None
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {core.drafter_type()}",
                disable=not (progress and accelerator.is_local_main_process))
@@ -235,12 +256,11 @@ def train(
             loss_sum, parts = 0.0, None
             for idx in batches[bi]:
                 with accelerator.autocast():
-                    loss, parts = step_loss(core, dataset[idx], cfg, lm_head, embed, gen)
-                if isinstance(loss, torch.Tensor):
-                    accelerator.backward(loss / len(batches[bi]))
-                    loss_sum += float(loss.detach()) / len(batches[bi])
+                    loss, parts = stepper(dataset[idx], gen)
+                accelerator.backward(loss / len(batches[bi]))
+                loss_sum += float(loss.detach()) / len(batches[bi])
             if cfg.grad_clip:
-                accelerator.clip_grad_value_(drafter.parameters(), cfg.grad_clip)
+                accelerator.clip_grad_value_(stepper.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             state["global_step"] += 1
