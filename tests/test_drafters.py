@@ -176,3 +176,54 @@ def test_official_checkpoint_layout(tmp_path, cls, extra, fmt):
     (tmp_path / "model.safetensors").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="missing \\['fc.bias'\\]"):
         cls.from_official(tmp_path, model)
+
+
+def qwen_video_inputs(rows=1):
+    g = torch.Generator().manual_seed(0)
+    grid = (2, 4, 6)  # 2 frames (after temporal patching) of 4 x 6 patches: 6 tokens per frame after the 2x2 merge
+    n_tok = 2 * 4 * 6 // 4
+    seqs = []
+    for r in range(rows):
+        seqs.append(torch.cat([torch.tensor([5 + r, 9, T.VISION_START]), torch.full((n_tok,), T.VIDEO_TOKEN),
+                               torch.tensor([11, 12, 13][: 3 - r])]))
+    inp = T.pad_rows(seqs, "left")
+    ids = inp["input_ids"]
+    return inp | {"mm_token_type_ids": (ids == T.VIDEO_TOKEN).long() * 2,
+                  "pixel_values_videos": torch.randn(rows * 2 * 4 * 6, 3 * 2 * 4 * 4, generator=g),
+                  "video_grid_thw": torch.tensor([grid] * rows)}
+
+
+@pytest.mark.parametrize("build", [T.qwen2_vl, T.qwen2_5_vl], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_video_lossless_and_compressed_per_frame(build):
+    model = build()
+    inputs = qwen_video_inputs(rows=2)
+    ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    lens = {}
+    for cls in KINDS:
+        d = cls.from_target(model, seed=0, num_q=2)
+        out = vispec.generate(model, d, **inputs, max_new_tokens=1)  # prefill + first token only
+        lens[cls.drafter_type()] = d._state["lens"].tolist()
+        full = vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(6, 3, 2))
+        assert torch.equal(full.sequences, ref)
+    # 12 video tokens in 2 frames of 6: ViSpec keeps num_q - 1 = 1 token per frame.
+    assert [e - v for e, v in zip(lens["eagle"], lens["vispec"])] == [12 - 2, 12 - 2]
+
+
+def test_video_global_feature_is_the_frame_average():
+    model = T.llava()
+    h = 64
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[5, 6] + [T.IMAGE_TOKEN] * 8 + [7, 8]])
+    inputs = PrefillInputs(input_ids=ids, inputs_embeds=torch.randn(1, 12, h, generator=g),
+                           features=torch.randn(1, 12, h, generator=g), lengths=torch.tensor([12]),
+                           next_tokens=torch.tensor([3]), image_mask=ids == T.IMAGE_TOKEN, frame_tokens=[[4]])
+    d = vispec.ViSpecDrafter.from_target(model, seed=0)
+    d.begin(1, 32, torch.device("cpu"))
+    x, pos, count = d.prefill_sequence(inputs)
+    f1, f2 = d.imadpt(inputs.inputs_embeds[0, 2:6]), d.imadpt(inputs.inputs_embeds[0, 6:10])
+    assert torch.allclose(d._state["glob"][0], (f1[-1] + f2[-1]) / 2, atol=1e-6)
+    # Frames at tokens 2..5 and 6..9 -> drafter positions 1..4 and 5..8: one compressed token at each one's last.
+    assert pos[0, : count[0]].tolist() == [0, 4, 8, 9, 10, 11]
+    bad = PrefillInputs(**{**inputs.__dict__, "frame_tokens": [[3]]})
+    with pytest.raises(ValueError, match="does not split into frames of 3"):
+        d.prefill_sequence(bad)

@@ -247,6 +247,7 @@ def generate(
                 lengths=lengths,
                 next_tokens=first,
                 image_mask=None if image_mask is None else _left_align(image_mask, pad_left),
+                frame_tokens=None if image_mask is None else target.frame_tokens(lp_ids, image_mask, model_inputs),
             )
         )
         _sync(device)

@@ -129,6 +129,29 @@ class Target:
             pos = (pos + self._rope_deltas.to(pos.device)).unsqueeze(0).expand(3, -1, -1)
         return pos
 
+    def frame_tokens(self, ids: torch.Tensor, image_mask: torch.Tensor, model_inputs: dict) -> list[list[int]] | None:
+        """Per row, per visual block, the tokens of one frame: Qwen-VL videos hold grid_t frames of
+        (h * w / merge^2) tokens each; images (and other models' blocks) are one frame."""
+        grid = model_inputs.get("video_grid_thw")
+        video_id = getattr(self.model.config, "video_token_id", None)
+        if self.kind != "qwen_vl" or grid is None or video_id is None:
+            return None
+        from .drafters.vispec_drafter import image_blocks
+
+        merge = self.model.config.vision_config.spatial_merge_size
+        per_video = [int(h * w) // (merge * merge) for _, h, w in grid.tolist()]
+        k, out = 0, []
+        for r in range(ids.shape[0]):
+            row = []
+            for start, end in image_blocks(image_mask[r]):
+                if int(ids[r, start]) == video_id and k < len(per_video):
+                    row.append(per_video[k])
+                    k += 1
+                else:
+                    row.append(end - start + 1)
+            out.append(row)
+        return out
+
     @contextlib.contextmanager
     def capture_input_embeds(self):
         """Records the input embeddings the language model receives (image features merged)."""

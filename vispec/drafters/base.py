@@ -67,7 +67,9 @@ class PrefillInputs:
     lengths: torch.Tensor  # (B,) int64
     next_tokens: torch.Tensor  # (B,) the token generated after the prompt: the first tree root
     image_mask: torch.Tensor | None = None  # (B, P) bool: positions holding image (or video) features
-    image_features: list[torch.Tensor] | None = None  # per image, (tokens, H) projected vision features
+    # Per row, per image/video block in order: tokens of one frame (a video block holds several frames,
+    # an image is one frame). None: every block is a single frame.
+    frame_tokens: list[list[int]] | None = None
 
 
 @runtime_checkable

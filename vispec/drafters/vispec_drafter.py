@@ -14,7 +14,8 @@ embedding of token i+1, as EAGLE): position i is an image position iff token i+1
 an image token; image positions are dropped, the compressed tokens go in raw
 (bypassing fc) at the last ``num_q - 1`` of them and keep those original position
 ids, so later text keeps counting over the uncompressed sequence. Unlike the
-original code, any number of images per prompt and batches of any size work.
+original code, any number of images per prompt and batches of any size work, and a
+video is compressed frame by frame (its global feature is the frames' average).
 Parameter names follow the official ViSpec checkpoints (``imadpt.*``, ``img_fc``).
 """
 from __future__ import annotations
@@ -111,17 +112,26 @@ class ViSpecDrafter(EagleDrafter):
             n = int(inputs.lengths[r])
             if image_mask is None or not bool(image_mask[r, :n].any()):
                 continue
-            for start, end in image_blocks(image_mask[r, :n]):
-                out = self.imadpt(inputs.inputs_embeds[r, start : end + 1])  # (num_q, H)
+            frames = inputs.frame_tokens[r] if inputs.frame_tokens is not None else None
+            for bi, (start, end) in enumerate(image_blocks(image_mask[r, :n])):
                 # Drafter positions start-1 .. end-1 pair with image tokens: dropped.
                 lo = max(start - 1, 0)
                 keep[r, lo:end] = False
-                for j in range(nq - 1):  # compressed tokens at the last num_q-1 dropped positions
-                    pos = end - (nq - 1) + j
-                    if pos >= lo:
-                        compressed.append((r, pos, out[j]))
-                glob_pos[r, end:] = out[-1]  # text after this image sees its global feature
-                row_glob[r] = out[-1]
+                size = frames[bi] if frames is not None and bi < len(frames) else end - start + 1
+                if size < 1 or (end - start + 1) % size:
+                    raise ValueError(f"row {r}: a block of {end - start + 1} visual tokens does not split into frames of {size}")
+                globs = []
+                for fs in range(start, end + 1, size):  # one adaptor pass per frame (an image is one frame)
+                    fe = fs + size - 1
+                    out = self.imadpt(inputs.inputs_embeds[r, fs : fe + 1])  # (num_q, H)
+                    for j in range(nq - 1):  # compressed tokens at the frame's last num_q-1 dropped positions
+                        pos = fe - (nq - 1) + j
+                        if pos >= max(fs - 1, lo):
+                            compressed.append((r, pos, out[j]))
+                    globs.append(out[-1])
+                g = torch.stack(globs).mean(0)  # a video's global feature: the frames' average
+                glob_pos[r, end:] = g  # text after this block sees its global feature
+                row_glob[r] = g
         x_all = self.fuse(emb, inputs.features, glob_pos)  # (B, P, H) text inputs
         is_comp = torch.zeros(b, p, dtype=torch.bool, device=dev)
         for r, pos, vec in compressed:
