@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_data import tiny_llava_and_processor  # noqa: E402
+from vispec.testing import tiny_llava_and_processor  # noqa: E402
 
 import vispec  # noqa: E402
 from vispec.data import ShardDataset  # noqa: E402

@@ -6,32 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import tiny_models as T
-from test_engine import tiny_tokenizer
+from vispec.testing import IMAGE_ID, tiny_llava_and_processor
 from vispec.data import LONG_ANSWER_SUFFIX, ShardDataset, done_ids, generate_shards, load_samples
 
-IMAGE_ID = 160
-
-
-def tiny_llava_and_processor():
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
-    tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.chat_template = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}t1"
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          image_token="<image>", num_additional_image_tokens=1, chat_template=tok.chat_template)
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=T._text_cfg(vocab_size=161), image_token_id=IMAGE_ID,
-                      vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    return model, proc
 
 
 @pytest.fixture()
@@ -127,3 +104,61 @@ def test_cli_data_generate(tmp_path, dataset):
     ds = ShardDataset(tmp_path / "shards")
     assert len(ds) == 7 and len({ds[i]["id"] for i in range(len(ds))}) == 7
     assert main(args[:-2] + ["--batch-size", "0"]) == 2
+
+
+class QwenShimProcessor:
+    """Stands in for Qwen2VLProcessor (whose video processor needs torchvision): one 16 x 24 image per
+    prompt becomes <vision_start> + 6 image tokens, with mm_token_type_ids, as the real processor does."""
+
+    image_token = "<image>"
+    chat_template = None
+
+    def __init__(self):
+        from vispec.testing import tiny_tokenizer
+
+        self.tokenizer = tiny_tokenizer()
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        import tiny_models as T
+
+        rows = []
+        for t in text:
+            words = self.tokenizer(t.replace(self.image_token, "").split(), is_split_into_words=True)["input_ids"]
+            ids = torch.tensor(words)
+            if images:
+                ids = torch.cat([torch.tensor([T.VISION_START]), torch.full((T.QWEN_IMAGE_TOKENS,), T.IMAGE_TOKEN), ids])
+            rows.append(ids)
+        out = T.pad_rows(rows, "left")
+        out["mm_token_type_ids"] = (out["input_ids"] == T.IMAGE_TOKEN).long()
+        if images:  # pixels derived from each image's content, so one image always gives the same patches
+            seeds = [int(np.asarray(im).astype(np.int64).sum()) % 2**31 for im in images]
+            out["pixel_values"] = torch.cat([torch.randn(24, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(sd))
+                                             for sd in seeds])
+            out["image_grid_thw"] = torch.tensor([T.QWEN_GRID] * len(images))
+        return BatchFeature(out)
+
+
+def test_generate_qwen_vl_shards(tmp_path, dataset):
+    import tiny_models as T
+
+    path, images = dataset
+    model, proc = T.qwen2_vl(), QwenShimProcessor()
+    samples = load_samples(path)[:3]
+    out = tmp_path / "shards"
+    generate_shards(model, proc, samples, out, images, suffix="t2", max_new_tokens=6, batch_size=3, progress=False)
+    ds = ShardDataset(out)
+    assert len(ds) == 3
+    # Stored hidden states = the model's own forward over prompt + answer with M-RoPE positions.
+    img = Image.open(images / samples[0].image).convert("RGB")
+    inp = proc(text=[f"{proc.image_token}\n{samples[0].instruction} t2"], images=[img])
+    ref = model.generate(**inp, max_new_tokens=6, do_sample=False)[0]
+    rec = next(ds[i] for i in range(3) if ds[i]["id"] == samples[0].id)
+    assert torch.equal(rec["input_ids"], ref)
+    assert int(rec["image_mask"].sum()) == T.QWEN_IMAGE_TOKENS and rec["image_embeds"].shape[0] == T.QWEN_IMAGE_TOKENS
+    mm = (ref[None] == T.IMAGE_TOKEN).long()
+    with torch.no_grad():
+        h = model.model(input_ids=ref[None], pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
+                        mm_token_type_ids=mm, attention_mask=torch.ones_like(ref[None])).last_hidden_state[0]
+    torch.testing.assert_close(rec["hidden"].float(), h, atol=2e-2, rtol=2e-2)

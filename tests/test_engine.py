@@ -256,15 +256,7 @@ def test_drop_in_falls_back_with_a_warning(kwargs, what):
     assert torch.equal(got_seq, want_seq) and handle.fallbacks == 1
 
 
-def tiny_tokenizer():
-    """An offline word-level tokenizer over the tiny models' vocabulary ("t0" .. "t159")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(T.VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0")
+from vispec.testing import tiny_tokenizer  # noqa: E402
 
 
 def test_hf_text_streamer(capsys):

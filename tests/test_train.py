@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vispec
-from test_data import tiny_llava_and_processor
+from vispec.testing import tiny_llava_and_processor
 from vispec.data import ShardDataset, build_prompt, generate_shards, load_samples
 from vispec.drafters import TreeConfig
 from vispec.train import TrainConfig, evaluate_tau, train
@@ -79,7 +79,7 @@ def test_cli_train_stage1_then_stage2(tmp_path, corpus):
     from vispec.cli import main
 
     model, data, _ = corpus
-    from test_data import tiny_llava_and_processor
+    from vispec.testing import tiny_llava_and_processor
 
     _, proc = tiny_llava_and_processor()
     model.save_pretrained(tmp_path / "target")

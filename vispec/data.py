@@ -192,7 +192,20 @@ def generate_shards(
             gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
             if temperature > 0:
                 gen_kw["temperature"] = temperature
-            seqs = model.generate(**inputs, **gen_kw)
+            # The prefill's input embeddings (image features merged) are captured on the way: the
+            # stored forward below reuses them instead of encoding the images again.
+            box = {}
+            lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+            def first_embeds(module, a, k):
+                if "emb" not in box and k.get("inputs_embeds") is not None:
+                    box["emb"] = k["inputs_embeds"]
+
+            handle = lm.register_forward_pre_hook(first_embeds, with_kwargs=True)
+            try:
+                seqs = model.generate(**inputs, **gen_kw)
+            finally:
+                handle.remove()
             p = inputs["input_ids"].shape[1]
             full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seqs[:, p:])], 1)
             # Padding after EOS is not an answer: cut each row at its first pad after the prompt.
@@ -201,21 +214,24 @@ def generate_shards(
                 tail = (seqs[r, p:] == pad).nonzero()
                 if len(tail):
                     full_mask[r, p + int(tail[0]) :] = 0
-            box = {}
-            lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
-            handle = lm.register_forward_pre_hook(lambda m, a, k: box.__setitem__("emb", k.get("inputs_embeds")), with_kwargs=True)
-            try:
-                fwd = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-                if "mm_token_type_ids" in fwd:
-                    fwd["mm_token_type_ids"] = torch.cat([fwd["mm_token_type_ids"], torch.zeros_like(seqs[:, p:])], 1)
-                if not any(k in fwd for k in ("image_grid_thw", "video_grid_thw")):  # M-RoPE models place themselves
-                    fwd["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate does, padding-aware
-                hidden = model.model(input_ids=seqs, attention_mask=full_mask, **fwd).last_hidden_state
-            finally:
-                handle.remove()
-            emb = box.get("emb")
-            if emb is None:
-                emb = embed(seqs)
+            prompt_emb = box.get("emb")
+            if prompt_emb is None or prompt_emb.shape[1] != p:
+                prompt_emb = embed(inputs["input_ids"])
+            # Generated tokens are embedded as decoding embedded them (even an image token id the model
+            # happened to emit), so the forward goes through inputs_embeds, not placeholder detection.
+            emb = torch.cat([prompt_emb, embed(seqs[:, p:]).to(prompt_emb.dtype)], 1)
+            fwd = {}
+            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw")):  # M-RoPE positions
+                mm = inputs["mm_token_type_ids"]
+                mm = torch.cat([mm, torch.zeros_like(seqs[:, p:]).to(mm.dtype)], 1)
+                grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                         if inputs.get(k) is not None}
+                fwd["position_ids"] = model.model.get_rope_index(
+                    seqs, mm_token_type_ids=mm, attention_mask=full_mask, **grids
+                )[0]
+            else:  # as generate places a padded batch
+                fwd["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = model.model(inputs_embeds=emb, attention_mask=full_mask, **fwd).last_hidden_state
             for r, (s, _) in enumerate(group):
                 keep = full_mask[r].bool()
                 ids = seqs[r][keep]
@@ -223,6 +239,7 @@ def generate_shards(
                 loss = torch.zeros(len(ids), dtype=torch.uint8)
                 loss[n_prompt:] = 1
                 img_mask = torch.isin(ids.cpu(), torch.tensor(sorted(image_ids))) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
+                img_mask[n_prompt:] = False  # an image token id in the answer is just a token
                 writer.add(s.id, {
                     "input_ids": ids.cpu(),
                     "loss_mask": loss,
