@@ -106,3 +106,15 @@ def test_eagle_checkpoint_round_trip(tmp_path, llava):
     assert torch.equal(a.sequences, b.sequences) and a.stats.accepted_draft_tokens == b.stats.accepted_draft_tokens
     with pytest.raises(FileNotFoundError, match="not a vispec drafter directory"):
         vispec.EagleDrafter.from_pretrained(tmp_path, llava)
+
+
+def test_sliding_window_beyond_window_is_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(**{**T._text_cfg().to_dict(), "sliding_window": 16})
+    model = MistralForCausalLM(cfg).eval()
+    d = vispec.EagleDrafter.from_target(model)
+    with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
+        vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=8)
+    vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=6)  # inside the window: fine

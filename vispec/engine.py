@@ -193,6 +193,13 @@ def generate(
             f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_position_embeddings ({target.max_positions})"
         )
+    tc = target.text_config
+    window = getattr(tc, "sliding_window", None)
+    if window and getattr(tc, "use_sliding_window", True) and p + max_new_tokens > window:
+        raise ValueError(
+            f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's sliding window ({window}); "
+            "vispec's tree attention does not implement sliding-window attention"
+        )
     gen_cfg = getattr(model, "generation_config", None)
     eos = _eos_list(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None))
     if pad_token_id is None:
