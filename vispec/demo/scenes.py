@@ -1,0 +1,127 @@
+"""Procedurally generated images with known content, for the offline demo VLM.
+
+A scene is a 96 x 96 picture of 1-3 coloured shapes in the cells of a 3 x 3 grid,
+optionally with a short word written in its free space. Its description names every
+fact (how many shapes; each shape's colour, kind and place; the word), so a model's
+answer can be scored fact by fact.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 96
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+PLACES = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+WORDS = ("cat", "sun", "dog", "car", "sea", "red", "box", "hat")
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass
+class Scene:
+    objects: list[tuple[str, str, str]]  # (colour, shape, place)
+    word: str | None = None
+    word_place: str | None = None
+    image: Image.Image = field(default=None, repr=False)
+
+    def description(self) -> str:
+        parts = [f"{_a(c)} {c} {s} {_at(p)}" for c, s, p in self.objects]
+        n = len(self.objects)
+        listed = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        text = f"The image shows {NUMBERS[n]} shape{'s' if n > 1 else ''}: {listed}."
+        if self.word:
+            text += f' The word "{self.word}" is written {_at(self.word_place)}.'
+        return text
+
+    def facts(self) -> list[str]:
+        """Fact units a correct description states: the count, each object's colour+shape and its place, the word."""
+        out = [f"count={len(self.objects)}"]
+        for c, s, p in self.objects:
+            out += [f"object={c} {s}", f"place={c} {s}@{p}"]
+        if self.word:
+            out.append(f"word={self.word}")
+        return out
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _at(place: str) -> str:
+    return "in the center" if place == "center" else f"at the {place}"
+
+
+def make_scene(rng: random.Random, with_word: float = 0.5) -> Scene:
+    n = rng.randint(1, 3)
+    cells = rng.sample(range(9), n + 1)
+    objects = []
+    used = set()
+    for cell in cells[:n]:
+        while True:  # no two identical (colour, shape) pairs, so every fact is unambiguous
+            c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if (c, s) not in used:
+                used.add((c, s))
+                break
+        objects.append((c, s, PLACES[cell]))
+    word = rng.choice(WORDS) if rng.random() < with_word else None
+    scene = Scene(objects, word, PLACES[cells[n]] if word else None)
+    scene.image = render(scene, rng)
+    return scene
+
+
+def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
+    rng = rng or random.Random(0)
+    img = Image.new("RGB", (SIZE, SIZE), (245, 245, 245))
+    d = ImageDraw.Draw(img)
+    cell = SIZE // 3
+    for c, s, p in scene.objects:
+        i = PLACES.index(p)
+        cx, cy = (i % 3) * cell + cell // 2 + rng.randint(-2, 2), (i // 3) * cell + cell // 2 + rng.randint(-2, 2)
+        r = rng.randint(10, 13)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if s == "circle":
+            d.ellipse(box, fill=COLORS[c])
+        elif s == "square":
+            d.rectangle(box, fill=COLORS[c])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[c])
+    if scene.word:
+        i = PLACES.index(scene.word_place)
+        font = ImageFont.load_default(size=14)
+        d.text(((i % 3) * cell + 3, (i // 3) * cell + 8), scene.word, fill=(0, 0, 0), font=font)
+    return img
+
+
+def score(answer: str, scene: Scene) -> tuple[int, int]:
+    """(facts stated correctly, facts in the scene). An object counts when "<colour> <shape>" appears;
+    its place when the phrase that follows it names the right place; the count when "<n> shape" appears."""
+    a = answer.lower()
+    good = 0
+    n = len(scene.objects)
+    if re.search(rf"\b{NUMBERS[n]} shapes?\b", a):
+        good += 1
+    for c, s, p in scene.objects:
+        m = re.search(rf"\b{c} {s}\b(.{{0,30}})", a)
+        if m:
+            good += 1
+            # "at the top" must not be read into "at the top left"
+            if re.match(rf"\s*{re.escape(_at(p))}(?! (left|right))\b", m.group(1)):
+                good += 1
+    if scene.word and re.search(rf'word "?{scene.word}"?', a):
+        good += 1
+    return good, len(scene.facts())
