@@ -1,0 +1,45 @@
+"""The demo VLM: SmolLM2-135M-Instruct + a small vision tower, built offline; vispec stays lossless on it."""
+import random
+
+import pytest
+import torch
+
+import vispec
+from vispec.demo.model import build_demo_vlm, prompt, vision_state_dict
+from vispec.demo.scenes import make_scene
+from vispec.drafters import TreeConfig
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return build_demo_vlm(None)  # random vision side: the shipped weights are tested separately
+
+
+def test_demo_vlm_shape_and_lossless(demo, tmp_path):
+    model, proc = demo
+    scenes = [make_scene(random.Random(i)) for i in range(2)]
+    proc.tokenizer.padding_side = "left"
+    inputs = dict(proc(text=[prompt(proc)] * 2, images=[s.image for s in scenes], return_tensors="pt", padding=True))
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum(1)[0])
+    assert n_img == 36  # (96 / 16)^2 patches
+    ref = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    for cls in (vispec.EagleDrafter, vispec.ViSpecDrafter, vispec.HiViSDrafter):
+        out = vispec.generate(model, cls.from_target(model, seed=0), **inputs, max_new_tokens=24, tree=TreeConfig(8, 3, 3))
+        assert torch.equal(out.sequences, ref), cls.__name__
+
+
+def test_vision_weights_round_trip(demo, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = demo
+    state = vision_state_dict(model)
+    assert state and all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in state)
+    save_file(state, str(tmp_path / "v.safetensors"))
+    again, _ = build_demo_vlm(tmp_path / "v.safetensors")
+    for k, v in vision_state_dict(again).items():
+        assert torch.equal(v, state[k]), k
+    bad = dict(state)
+    bad["model.multi_modal_projector.extra"] = torch.zeros(1)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="does not fit the demo VLM"):
+        build_demo_vlm(tmp_path / "bad.safetensors")
