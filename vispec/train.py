@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,21 +48,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     passes: int = 2  # 1 = no self-correction pass
     noise: bool = True
-    max_len: int = 4096
     w_feature: float | None = None
     w_ce: float | None = None
     w_l1: float | None = None
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU
     log_every: int = 10
-    extra: dict = field(default_factory=dict)
 
     def weights(self):
         base = STAGES[self.stage]
         return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
 
 
-def sample_to_inputs(rec: dict, embed, image_token_mask: bool = True) -> tuple[PrefillInputs, dict]:
+def sample_to_inputs(rec: dict, embed) -> tuple[PrefillInputs, dict]:
     """A stored sample as the drafter's prefill view of the whole sequence, plus the training targets.
 
     Drafter position i pairs f_i with token i+1's embedding (i < L-1) and is scored against f_{i+1}.
@@ -83,7 +81,7 @@ def sample_to_inputs(rec: dict, embed, image_token_mask: bool = True) -> tuple[P
         features=hidden[:-1].unsqueeze(0).to(dev, emb.dtype),
         lengths=torch.tensor([n - 1], device=dev),
         next_tokens=ids[-1:].to(dev),
-        image_mask=img[:-1].unsqueeze(0).to(dev) if image_token_mask else None,
+        image_mask=img[:-1].unsqueeze(0).to(dev),
     )
     targets = dict(next_features=hidden[1:].to(dev, emb.dtype), loss_mask=rec["loss_mask"][1:].bool().to(dev))
     return inputs, targets
