@@ -227,3 +227,51 @@ def test_video_global_feature_is_the_frame_average():
     bad = PrefillInputs(**{**inputs.__dict__, "frame_tokens": [[3]]})
     with pytest.raises(ValueError, match="does not split into frames of 3"):
         d.prefill_sequence(bad)
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.drafter_type())
+def test_draft_vocabulary(tmp_path, cls):
+    """A drafter restricted to a token subset scores only those rows, drafts only those tokens, stays lossless,
+    and keeps its vocabulary through save / load."""
+    model = T.llava()
+    inputs = T.llava_inputs([6, 11], seed=4)
+    ref = model.generate(**inputs, max_new_tokens=14, do_sample=False)
+    d = cls.from_target(model, seed=2)
+    full = d.frequent_tokens([ref[0].tolist(), ref[1].tolist(), [5, 5, 5]], 12, always=[3])
+    assert len(full) == 12 and 3 in full and 5 in full
+    d.set_draft_vocab(full)
+    h = torch.randn(2, 3, model.config.text_config.hidden_size)
+    lm = model.get_output_embeddings()
+    assert d.logits(h).shape == (2, 3, 12)
+    torch.testing.assert_close(d.logits(h), lm(h)[..., d.d2t])
+    d.begin(2, 64, "cpu")
+    out = vispec.generate(model, d, **inputs, max_new_tokens=14, tree=TreeConfig(8, 3, 3))
+    assert torch.equal(out.sequences, ref)
+    seen = set()
+    orig = d.propose
+    d.propose = lambda tree: (lambda t: (seen.update(t.tokens[:, 1:].flatten().tolist()), t)[1])(orig(tree))
+    vispec.generate(model, d, **inputs, max_new_tokens=6, tree=TreeConfig(8, 3, 3))
+    assert seen and seen <= set(full)
+    del d.propose
+    d.save_pretrained(tmp_path)
+    back = load_drafter(tmp_path, model)
+    assert back.config.draft_vocab_size == 12 and torch.equal(back.d2t, d.d2t)
+    for bad, msg in [([], "empty"), ([1, 1], "repeated"), ([10**6], "outside")]:
+        with pytest.raises(ValueError, match=msg):
+            back.set_draft_vocab(bad)
+
+
+def test_draft_vocabulary_training_loss_is_over_the_subset():
+    from vispec.train import TrainConfig, step_loss
+
+    model = T.llava()
+    d = vispec.EagleDrafter.from_target(model, seed=0)
+    n, hdim = 9, model.config.text_config.hidden_size
+    rec = dict(input_ids=torch.randint(0, 50, (n,)), hidden=torch.randn(n, hdim), image_mask=torch.zeros(n),
+               image_embeds=torch.zeros(0, hdim), loss_mask=torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1]))
+    d.set_draft_vocab(list(range(40)))
+    loss, parts = step_loss(d, rec, TrainConfig(stage=2, noise=False, passes=1), model.get_input_embeddings())
+    loss.backward()
+    # L1 between two distributions over the same 40 tokens is at most 2: the target was renormalised over them
+    assert 0 < parts["l1"] <= 2 and torch.isfinite(loss)
+    assert d.fc.weight.grad is not None

@@ -104,8 +104,11 @@ def drafter_forward(drafter, inputs: PrefillInputs, features_override=None):
     return hidden[0], positions[0]
 
 
-def step_loss(drafter, rec, cfg: TrainConfig, lm_head, embed, generator=None):
-    """Total loss of one sample over all passes, and its parts (floats) for logging."""
+def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
+    """Total loss of one sample over all passes, and its parts (floats) for logging.
+
+    Distributions are the target's lm_head over the drafter's vocabulary (``drafter.logits``):
+    the whole vocabulary, or the draft vocabulary with the target's renormalised over it."""
     inputs, tg = sample_to_inputs(rec, embed)
     w = cfg.weights()
     feats = inputs.features
@@ -113,7 +116,7 @@ def step_loss(drafter, rec, cfg: TrainConfig, lm_head, embed, generator=None):
         u = torch.rand(feats.shape, generator=generator, device="cpu").to(feats.device, feats.dtype)
         inputs = PrefillInputs(**{**inputs.__dict__, "features": feats + (u - 0.5) * 0.2 * 512 / feats.shape[1]})
     with torch.no_grad():
-        target_logp = torch.log_softmax(lm_head(tg["next_features"]).float(), -1)  # (L-1, V)
+        target_logp = torch.log_softmax(drafter.logits(tg["next_features"]).float(), -1)  # (L-1, V)
     total, parts, override = 0.0, {"feature": 0.0, "ce": 0.0, "l1": 0.0}, None
     for _ in range(max(cfg.passes, 1)):
         hid, pos = drafter_forward(drafter, inputs, override)
@@ -123,7 +126,7 @@ def step_loss(drafter, rec, cfg: TrainConfig, lm_head, embed, generator=None):
         pred = hid[mask]
         tgt_f = tg["next_features"][pos[mask]]
         tlp = target_logp[pos[mask]]
-        dlp = torch.log_softmax(lm_head(pred).float(), -1)
+        dlp = torch.log_softmax(drafter.logits(pred).float(), -1)
         tp = tlp.exp()
         l_feat = F.smooth_l1_loss(pred.float(), tgt_f.float())
         l_ce = -(tp * dlp).sum(-1).mean()
@@ -150,15 +153,14 @@ class _TrainStep(torch.nn.Module):
     """One sample's whole multi-pass loss as a module forward, so that DDP (through accelerate) sees
     exactly one forward per backward and all-reduces the drafter's gradients."""
 
-    def __init__(self, drafter, cfg: TrainConfig, lm_head, embed):
+    def __init__(self, drafter, cfg: TrainConfig, embed):
         super().__init__()
         self.drafter = drafter
         self.cfg = cfg
-        self._frozen = (lm_head, embed)  # the target's, not parameters of this module
+        self._frozen = (embed,)  # the target's, not a parameter of this module
 
     def forward(self, rec, generator):
-        lm_head, embed = self._frozen
-        return step_loss(self.drafter, rec, self.cfg, lm_head, embed, generator)
+        return step_loss(self.drafter, rec, self.cfg, self._frozen[0], generator)
 
 
 def evaluate_tau(model, drafter, eval_inputs: list[dict], max_new_tokens: int = 64, tree=None) -> float:
@@ -211,7 +213,7 @@ def train(
     random.seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed = model.get_input_embeddings()
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     n = len(dataset)
@@ -219,7 +221,7 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps_per_epoch
     sched = get_linear_schedule_with_warmup(opt, warmup, total_steps)
-    stepper, opt, sched = accelerator.prepare(_TrainStep(drafter, cfg, lm_head, embed), opt, sched)
+    stepper, opt, sched = accelerator.prepare(_TrainStep(drafter, cfg, embed), opt, sched)
     core = accelerator.unwrap_model(stepper).drafter
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tau_history": []}

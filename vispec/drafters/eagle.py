@@ -36,6 +36,10 @@ class DrafterConfig:
     fc_bias: bool = True
     num_q: int = 2  # ViSpec: learnable queries per image (num_q - 1 compressed tokens + 1 global feature)
     drafter_type: str = "eagle"
+    # > 0: the drafter scores only this many tokens (ids in the ``d2t`` buffer, chosen by frequency in its
+    # training data) instead of the whole vocabulary. Drafting gets cheaper; verification is unchanged, so
+    # output is too (a token outside the set can still be the target's bonus token, never a draft).
+    draft_vocab_size: int = 0
 
     @classmethod
     def from_target(cls, model, **overrides) -> "DrafterConfig":
@@ -148,6 +152,9 @@ class EagleDrafter(nn.Module):
         h = config.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=config.fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(config)])  # one layer; a list for the checkpoints' names
+        # Draft-vocabulary index -> token id (saved with the weights), or None for the full vocabulary.
+        self.register_buffer("d2t", torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None)
+        self._head_rows = None  # (key, lm_head rows of d2t): cached, the head is frozen
         # Shared with the target, frozen, not part of this module's parameters or state dict.
         self._shared = (embed_tokens, lm_head)
         self._state = None
@@ -175,13 +182,16 @@ class EagleDrafter(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
+        """Config + weights (safetensors); ``dtype`` casts the floating-point weights (e.g. bf16 to ship)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+                 for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, path, model) -> "EagleDrafter":
@@ -269,6 +279,36 @@ class EagleDrafter(nn.Module):
         if emb is not self._shared[0]:
             raise ValueError("this drafter shares the embeddings of another model instance; rebuild it for this target")
 
+    def set_draft_vocab(self, token_ids) -> None:
+        """Restrict drafting to ``token_ids`` (distinct ids of the target's vocabulary)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+        v = self.config.vocab_size
+        if ids.numel() == 0:
+            raise ValueError("draft vocabulary is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= v:
+            raise ValueError(f"draft vocabulary holds ids outside [0, {v})")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError("draft vocabulary holds repeated ids")
+        self.config.draft_vocab_size = ids.numel()
+        self.d2t = ids.to(self.fc.weight.device)
+        self._head_rows = None
+
+    @staticmethod
+    def frequent_tokens(token_lists, size: int, always=()) -> list[int]:
+        """The ``size`` most frequent ids over ``token_lists`` (ties: lower id first), ``always`` included."""
+        from collections import Counter
+
+        counts = Counter()
+        for ids in token_lists:
+            counts.update(int(t) for t in ids)
+        keep = list(dict.fromkeys(int(t) for t in always))
+        for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(keep) >= size:
+                break
+            if t not in keep:
+                keep.append(t)
+        return sorted(keep[:size])
+
     @property
     def embed_tokens(self):
         return self._shared[0]
@@ -278,16 +318,30 @@ class EagleDrafter(nn.Module):
         return self._shared[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The target's lm_head on drafter states. On CPU a plain Linear head is applied as W @ h^T:
-        MKL's skinny GEMM for the few rows a draft step has is several times slower than that."""
+        """The target's lm_head on drafter states, over the draft vocabulary (``d2t``) when there is one.
+        On CPU a plain Linear head is applied as W @ h^T: MKL's skinny GEMM for the few rows a draft step
+        has is several times slower than that."""
         head = self.lm_head
-        if h.device.type == "cpu" and type(head) is nn.Linear:
-            flat = h.reshape(-1, h.shape[-1])
-            out = torch.matmul(head.weight, flat.t()).t()
-            if head.bias is not None:
-                out = out + head.bias
-            return out.reshape(*h.shape[:-1], -1)
-        return head(h)
+        if self.d2t is None and not (h.device.type == "cpu" and type(head) is nn.Linear):
+            return head(h)
+        if type(head) is not nn.Linear:
+            raise TypeError(f"a draft vocabulary needs a plain nn.Linear lm_head, not {type(head).__name__}")
+        w, bias = head.weight, head.bias
+        if self.d2t is not None:
+            key = (w.data_ptr(), w._version, w.dtype, self.d2t.data_ptr())
+            if self._head_rows is None or self._head_rows[0] != key:
+                rows = w.detach().index_select(0, self.d2t.to(w.device))
+                self._head_rows = (key, rows, None if bias is None else bias.detach()[self.d2t.to(w.device)])
+            w, bias = self._head_rows[1], self._head_rows[2]
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.matmul(w, flat.t()).t() if h.device.type == "cpu" else flat @ w.t()
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*h.shape[:-1], -1)
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Token ids of indices into :meth:`logits`' last dimension."""
+        return index if self.d2t is None else self.d2t[index]
 
     # -- decoding state --------------------------------------------------------------------
     # The drafter's cache holds one entry per drafter input; an entry's cache slot and its
@@ -369,11 +423,14 @@ class EagleDrafter(nn.Module):
     def propose(self, tree: TreeConfig) -> DraftTree:
         s = self._state
         k, depth = tree.top_k, tree.depth
+        if self.d2t is not None and k > self.d2t.numel():
+            raise ValueError(f"tree top_k {k} exceeds the drafter's vocabulary of {self.d2t.numel()} tokens")
         h = s["last_hidden"]  # (B, H): the drafter's output at each row's last committed position
         b, dev = h.shape[0], h.device
         lens = s["lens"]
         logp = torch.log_softmax(self.logits(h).float(), -1)
         score, tok = logp.topk(k, -1)  # (B, k): level 1
+        tok = self.token_ids(tok)
         pool_score, pool_tok = [score], [tok]
         pool_parent = [torch.full((b, k), -1, dtype=torch.int64, device=dev)]
         pool_depth = [torch.ones(b, k, dtype=torch.int64, device=dev)]
@@ -401,6 +458,7 @@ class EagleDrafter(nn.Module):
             hid = self.layers[0](x, pos, (s["k"], s["v"]), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
+            ctok = self.token_ids(ctok)
             cum = front_score.unsqueeze(-1) + ctop  # cumulative log-prob of each child
             pool_score.append(cum.reshape(b, k * k))
             pool_tok.append(ctok.reshape(b, k * k))
