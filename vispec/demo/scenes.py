@@ -71,7 +71,7 @@ def make_scene(rng: random.Random, with_word: float = 0.5) -> Scene:
     cells = rng.sample(range(9), n + 1)
     objects = []
     used = set()
-    for cell in cells[:n]:
+    for cell in sorted(cells[:n]):  # reading order: one right description, not n! of them
         while True:  # no two identical (colour, shape) pairs, so every fact is unambiguous
             c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
             if (c, s) not in used:
