@@ -43,3 +43,26 @@ def test_vision_weights_round_trip(demo, tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="does not fit the demo VLM"):
         build_demo_vlm(tmp_path / "bad.safetensors")
+
+
+def test_reading_stage_targets_and_loss(demo):
+    from vispec.demo.scenes import Scene, render
+    from vispec.demo.train_vision import read_loss, slot_vocab, slot_words
+
+    model, proc = demo
+    s = Scene([("red", "circle", "top left"), ("blue", "square", "bottom")], word="cat", word_place="center")
+    s.image = render(s)
+    words = slot_words(s)
+    assert len(words) == 36
+    assert words[:4] == ["red", "circle", "top", "left"]
+    assert words[16:20] == ["word", "cat", "center", "center"]
+    assert words[28:32] == ["blue", "square", "bottom", "bottom"]
+    assert words.count("empty") == 24
+    vocab = slot_vocab(proc.tokenizer)
+    assert all(w in vocab[0] for w in words)
+    loss, acc = read_loss(model, proc, [s, make_scene(random.Random(3))], vocab, "cpu")
+    loss.backward()
+    assert torch.isfinite(loss) and 0.0 <= acc <= 1.0
+    assert any(p.grad is not None for p in model.model.vision_tower.parameters())
+    assert model.model.language_model.embed_tokens.weight.grad is None  # the LM's rows are targets, not trained
+    model.zero_grad(set_to_none=True)
