@@ -1,1 +1,53 @@
-"""The offline demo: a small VLM built on SmolLM2-135M-Instruct that describes procedurally generated scenes."""
+"""The offline demo: a small VLM built on SmolLM2-135M-Instruct that describes procedurally generated scenes,
+with three drafters trained for it (ViSpec, EAGLE-2, HiViS) by the project's own pipeline.
+
+    model, processor = build_demo_vlm()          # seconds, no network
+    drafter = load_demo_drafter("vispec", model)
+
+Seeds: the vision side trained on scenes with seeds below ``EVAL_SEED`` (10**7); the drafters'
+data uses seeds from ``DRAFT_DATA_SEED``; held-out evaluation and benchmarks use seeds from
+``EVAL_SEED`` (never seen by either).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model import IMAGE_TOKEN, WEIGHTS, build_demo_vlm, prompt, vision_state_dict
+
+HERE = Path(__file__).parent
+DRAFTERS_DIR = HERE / "weights"
+DEMO_IMAGE = HERE / "assets" / "scene.png"
+DEMO_PROMPT = "Describe the image."
+# Questions the drafters' data and the benchmark pair with images, in turn. The vision side learned only the
+# first; the others get the frozen LM's own phrasing. Two carry ViSpec's long-answer suffix.
+PROMPTS = ("Describe the image.", "What do you see in this picture?", "Describe the image in detail.",
+           "List the shapes in the image and where they are.",
+           "Describe the image. Please answer with at least 1000 words.",
+           "What do you see in this picture? Please answer with at least 1000 words.")
+EVAL_SEED = 10**7
+DRAFT_DATA_SEED = 2 * 10**7
+DRAFTER_KINDS = ("vispec", "eagle", "hivis")
+DEMO_IMAGE_SEED = EVAL_SEED + 1001  # assets/scene.png: held out, outside the benchmark's images; 2 shapes + a word
+# Draft tree (total tokens, depth, top-k) for this 135M target on a CPU, where a verification forward over
+# the tree costs about its token count in compute: small trees pay off (see benchmarks/results/e2e-demo*).
+DEMO_TREE = (12, 5, 4)
+
+
+def drafter_path(kind: str) -> Path:
+    if kind not in DRAFTER_KINDS:
+        raise ValueError(f"unknown demo drafter {kind!r}; choose from {', '.join(DRAFTER_KINDS)}")
+    return DRAFTERS_DIR / kind
+
+
+def load_demo_drafter(kind: str, model):
+    """One of the shipped drafters of the demo VLM, bound to ``model`` (from :func:`build_demo_vlm`)."""
+    from ..drafters import load_drafter
+
+    path = drafter_path(kind)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no drafter; rebuild them with `python -m vispec.demo.build_drafters`")
+    return load_drafter(path, model)
+
+
+__all__ = ["build_demo_vlm", "load_demo_drafter", "prompt", "vision_state_dict", "drafter_path", "DEMO_IMAGE",
+           "DEMO_PROMPT", "DEMO_TREE", "PROMPTS", "EVAL_SEED", "DRAFT_DATA_SEED", "DRAFTER_KINDS", "IMAGE_TOKEN", "WEIGHTS"]
