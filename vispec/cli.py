@@ -1,5 +1,6 @@
 """The ``vispec`` command line.
 
+    vispec demo [--image PNG] [--prompt TEXT] [--drafter vispec|eagle|hivis] [--temperature T]
     vispec data generate --model PATH --data samples.jsonl --images-root DIR --out DIR [...]
     vispec train --model PATH --data SHARDS --drafter vispec --out DIR [--stage 2 --init STAGE1/final] [...]
 """
@@ -14,10 +15,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def load_target(path: str, dtype: str = "auto", device: str | None = None):
     """(model, processor) of a Hugging Face checkpoint directory: a VLM with its processor, or a causal LM
-    with its tokenizer."""
+    with its tokenizer. ``demo`` is the bundled offline demo VLM (``vispec.demo``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path == "demo":
+        from .demo.model import build_demo_vlm
+
+        model, processor = build_demo_vlm(dtype=torch.float32 if dtype == "auto" else getattr(torch, dtype))
+        return model.to(device).eval(), processor
     kw = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     cfg = AutoConfig.from_pretrained(path)
     if hasattr(cfg, "vision_config"):
@@ -26,7 +33,6 @@ def load_target(path: str, dtype: str = "auto", device: str | None = None):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
         processor = AutoTokenizer.from_pretrained(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), processor
 
 
@@ -66,6 +72,13 @@ def _train(args) -> int:
             drafter = fresh
     else:
         drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q)
+        if args.draft_vocab:
+            from .engine import _eos_list
+
+            answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
+            eos = _eos_list(model.generation_config.eos_token_id)
+            drafter.set_draft_vocab(drafter.frequent_tokens(answers, args.draft_vocab, always=eos))
+            print(f"draft vocabulary: the {drafter.config.draft_vocab_size} most frequent answer tokens")
     eval_inputs = []
     if args.eval_data:
         from PIL import Image
@@ -88,14 +101,119 @@ def _train(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    """Offline demo: the bundled demo VLM answers about an image twice, speculatively (streamed) and plainly."""
+    import time
+    from pathlib import Path
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from transformers import TextStreamer
+
+    from . import generate
+    from .demo import DEMO_IMAGE, DEMO_TREE, WEIGHTS, build_demo_vlm, drafter_path, load_demo_drafter, prompt
+    from .drafters import TreeConfig
+
+    image_path = Path(args.image) if args.image else DEMO_IMAGE
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        print(f"vispec demo: cannot read image {image_path}: {e}", file=sys.stderr)
+        return 2
+    if not args.prompt.strip():
+        print("vispec demo: --prompt is empty", file=sys.stderr)
+        return 2
+    if args.temperature < 0:
+        print("vispec demo: --temperature must be >= 0", file=sys.stderr)
+        return 2
+    for need in (WEIGHTS, drafter_path(args.drafter) / "config.json"):
+        if not need.is_file():
+            print(f"vispec demo: {need} is missing (a broken install?); `python -m vispec.demo.train_vision` and "
+                  "`python -m vispec.demo.build_drafters` rebuild the demo's weights", file=sys.stderr)
+            return 2
+    try:
+        tree = TreeConfig(*(args.tree or DEMO_TREE))
+    except ValueError as e:
+        print(f"vispec demo: --tree: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    print("building the demo VLM (SmolLM2-135M-Instruct + trained vision tower) ...", flush=True)
+    model, processor = build_demo_vlm()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    drafter = load_demo_drafter(args.drafter, model)
+    tok = processor.tokenizer
+    inputs = processor(text=[prompt(processor, args.prompt)], images=[image], return_tensors="pt").to(device)
+    sample = args.temperature > 0
+    hf_kw = dict(do_sample=sample, **({"temperature": args.temperature} if sample else {}))
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    # Warm-up (allocator, kernels, caches) so neither timed run pays first-call costs.
+    model.generate(**inputs, max_new_tokens=4, **hf_kw)
+    generate(model, drafter, **inputs, max_new_tokens=4, tree=tree, temperature=args.temperature, seed=args.seed)
+
+    print(f"\n[{args.drafter} speculative, temperature {args.temperature:g}] {args.prompt}\n", flush=True)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    sync()
+    t0 = time.perf_counter()
+    spec = generate(model, drafter, **inputs, max_new_tokens=args.max_new_tokens, tree=tree,
+                    temperature=args.temperature, seed=args.seed, streamer=streamer)
+    sync()
+    t_spec = time.perf_counter() - t0
+    torch.manual_seed(args.seed)
+    sync()
+    t0 = time.perf_counter()
+    plain = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **hf_kw)
+    sync()
+    t_plain = time.perf_counter() - t0
+    p = inputs["input_ids"].shape[1]
+    n_spec, n_plain = spec.sequences.shape[1] - p, plain.shape[1] - p
+    text_spec = tok.decode(spec.sequences[0, p:], skip_special_tokens=True)
+    text_plain = tok.decode(plain[0, p:], skip_special_tokens=True)
+    rate_spec, rate_plain = n_spec / t_spec, n_plain / t_plain
+    print(f"\n{'':24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
+    print(f"{'plain model.generate':24}{n_plain:>8}{t_plain:>10.2f}{rate_plain:>10.1f}")
+    print(f"{'vispec (' + args.drafter + ')':24}{n_spec:>8}{t_spec:>10.2f}{rate_spec:>10.1f}")
+    print(f"speedup {rate_spec / rate_plain:.2f}x, tau {spec.stats.tau:.2f} accepted drafts per target forward "
+          f"(+1 bonus token), {spec.stats.target_forwards} target forwards for {n_spec} tokens")
+    st = spec.stats
+    print(f"vispec time: prefill {st.time_prefill:.2f}s, drafting {st.time_draft:.2f}s, verification "
+          f"{st.time_verify:.2f}s, other {st.time_other:.2f}s")
+    if not sample:
+        if torch.equal(spec.sequences, plain):
+            print("identical: the speculative text is token for token the text of plain greedy model.generate")
+            return 0
+        print(f"MISMATCH: plain greedy text was:\n{text_plain}", file=sys.stderr)
+        return 1
+    print("sampled: both texts are draws from the same distribution (vispec's sampling is lossless), so they differ "
+          "by chance, not by method; run with --temperature 0 to compare them token for token")
+    print(f"plain model.generate's sample:\n{text_plain}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import LONG_ANSWER_SUFFIX
 
     ap = argparse.ArgumentParser(prog="vispec", description="vision-aware speculative decoding")
     sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="offline demo: the bundled VLM answers about an image, plain vs speculative")
+    d.add_argument("--image", default=None, help="image file (default: the bundled scene)")
+    d.add_argument("--prompt", default="Describe the image.")
+    d.add_argument("--drafter", choices=["vispec", "eagle", "hivis"], default="vispec")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"),
+                   help="draft tree (default: the demo's tuned tree)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=_demo)
     data = sub.add_parser("data", help="drafter training data").add_subparsers(dest="data_command", required=True)
     g = data.add_parser("generate", help="answer samples with the target and store shards for training (resumable)")
-    g.add_argument("--model", required=True, help="target checkpoint directory")
+    g.add_argument("--model", required=True, help="target checkpoint directory, or `demo`")
     g.add_argument("--data", required=True, help="LLaVA-style JSON/JSONL (image + conversations) or ShareGPT-style text")
     g.add_argument("--images-root", default=None, help="directory the samples' image paths are relative to")
     g.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
@@ -110,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_data_generate)
 
     t = sub.add_parser("train", help="train a drafter on shards from `vispec data generate` (resumable)")
-    t.add_argument("--model", required=True, help="target checkpoint directory")
+    t.add_argument("--model", required=True, help="target checkpoint directory, or `demo`")
     t.add_argument("--data", required=True, help="shard directory written by `vispec data generate`")
     t.add_argument("--drafter", choices=["vispec", "hivis", "eagle"], default="vispec")
     t.add_argument("--out", required=True, help="checkpoints (checkpoint-*/) and the final drafter (final/)")
@@ -124,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--passes", type=int, default=2, help="1 + number of self-correction passes")
     t.add_argument("--no-noise", action="store_true", help="no EAGLE feature noise")
     t.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image")
+    t.add_argument("--draft-vocab", type=int, default=0,
+                   help="draft only the N most frequent answer tokens of --data (0: the whole vocabulary)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto")
     t.add_argument("--eval-data", default=None, help="held-out samples (JSON/JSONL) for tau after each epoch")
@@ -146,6 +266,9 @@ def main(argv=None) -> int:
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"vispec: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if getattr(args, "draft_vocab", 0) < 0:
+        print("vispec: --draft-vocab must be >= 0", file=sys.stderr)
+        return 2
     return args.func(args)
 
 
