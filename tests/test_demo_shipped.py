@@ -70,7 +70,14 @@ def test_demo_command(capsys):
     (["--prompt", "  "], "--prompt is empty"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--tree", "100", "2", "2"], "--tree"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_demo_command_rejects_bad_input_before_loading(capsys, argv, msg):
     assert main(["demo", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_train_refuses_a_draft_vocabulary_with_init(capsys, tmp_path):
+    assert main(["train", "--model", "demo", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--init", str(tmp_path / "i"), "--draft-vocab", "64"]) == 2
+    assert "--draft-vocab applies to a new drafter" in capsys.readouterr().err

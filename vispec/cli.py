@@ -269,6 +269,12 @@ def main(argv=None) -> int:
     if getattr(args, "draft_vocab", 0) < 0:
         print("vispec: --draft-vocab must be >= 0", file=sys.stderr)
         return 2
+    if getattr(args, "draft_vocab", 0) and getattr(args, "init", None):
+        print("vispec: --draft-vocab applies to a new drafter; one from --init keeps its own vocabulary", file=sys.stderr)
+        return 2
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print("vispec: --threads must be >= 1", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

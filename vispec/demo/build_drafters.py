@@ -49,6 +49,7 @@ def write_samples(folder: Path, n: int, seed0: int) -> Path:
 def main(argv=None):
     from ..data import LONG_ANSWER_SUFFIX, ShardDataset, generate_shards, load_samples
     from ..drafters import DRAFTERS, TreeConfig
+    from ..engine import _eos_list
     from ..train import TrainConfig, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +85,8 @@ def main(argv=None):
     tree = TreeConfig(*DEMO_TREE)
     answers = [r["input_ids"][r["loss_mask"].bool()] for r in dataset]
     print(f"{len(dataset)} samples, {sum(len(a) for a in answers)} answer tokens", flush=True)
-    vocab = DRAFTERS["eagle"].frequent_tokens(answers, args.draft_vocab, always=[model.generation_config.eos_token_id])
+    eos = _eos_list(model.generation_config.eos_token_id)
+    vocab = DRAFTERS["eagle"].frequent_tokens(answers, args.draft_vocab, always=eos)
     summary = {}
     for kind in args.kinds:
         drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size)
