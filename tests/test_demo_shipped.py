@@ -81,3 +81,29 @@ def test_train_refuses_a_draft_vocabulary_with_init(capsys, tmp_path):
     assert main(["train", "--model", "demo", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--init", str(tmp_path / "i"), "--draft-vocab", "64"]) == 2
     assert "--draft-vocab applies to a new drafter" in capsys.readouterr().err
+
+
+def test_build_drafters_reproduces_the_pipeline(tmp_path):
+    """The script behind the shipped drafters runs end to end (tiny sizes) and honours --num-q."""
+    import json
+
+    from vispec.demo import build_drafters
+
+    out = tmp_path / "weights"
+    build_drafters.main(["--work", str(tmp_path / "work"), "--samples", "2", "--max-new-tokens", "8", "--epochs", "1",
+                         "--eval-samples", "1", "--kinds", "vispec", "--num-q", "3", "--out", str(out)])
+    config = json.loads((out / "vispec" / "config.json").read_text())
+    assert config["drafter_type"] == "vispec" and config["num_q"] == 3
+    assert 0 < config["draft_vocab_size"] <= 2 * 8 + 2  # the answers' tokens (+ EOS ids), not the 49k vocabulary
+    summary = json.loads((tmp_path / "work" / "summary.json").read_text())
+    assert [e for e, _ in summary["vispec"]] == [1]
+
+
+@pytest.mark.parametrize("bad", [["--num-q", "0"], ["--epochs", "0"], ["--draft-vocab", "-1"]])
+def test_build_drafters_refuses_bad_sizes(tmp_path, bad, capsys):
+    from vispec.demo import build_drafters
+
+    with pytest.raises(SystemExit) as e:
+        build_drafters.main(["--work", str(tmp_path)] + bad)
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -62,12 +62,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--intermediate-size", type=int, default=768, help="drafter MLP width (the LM's is 1536)")
     ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image: num_q - 1 compressed tokens + 1 global feature")
     ap.add_argument("--eval-samples", type=int, default=6)
     ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0:
-        ap.error("--samples and --epochs must be >= 1, --draft-vocab >= 0")
+    if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1:
+        ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab >= 0")
 
     model, processor = build_demo_vlm()
     samples_file = write_samples(args.work / "data", args.samples, DRAFT_DATA_SEED)
@@ -89,7 +90,8 @@ def main(argv=None):
     vocab = DRAFTERS["eagle"].frequent_tokens(answers, args.draft_vocab, always=eos)
     summary = {}
     for kind in args.kinds:
-        drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size)
+        extra = {"num_q": args.num_q} if kind == "vispec" else {}
+        drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
         if args.draft_vocab:
             drafter.set_draft_vocab(vocab)
         cfg = TrainConfig(stage=1, epochs=args.epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
