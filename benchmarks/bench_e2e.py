@@ -28,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -263,9 +264,7 @@ def run_demo(args, device):
                 a["same"] &= sample or torch.equal(out.sequences, ref)
                 a["accepted"] += out.stats.accepted_draft_tokens
                 a["steps"] += out.stats.row_steps
-                h = out.stats.accept_len_hist
-                a["hist"] = [x + y for x, y in zip(a["hist"] + [0] * (len(h) - len(a["hist"])),
-                                                   h + [0] * (len(a["hist"]) - len(h)))]
+                a["hist"] = [x + y for x, y in zip_longest(a["hist"], out.stats.accept_len_hist, fillvalue=0)]
         base = acc["plain"]["tokens"] / acc["plain"]["time"]
         for m, a in acc.items():
             a["tok_s"] = a["tokens"] / a["time"]
@@ -288,7 +287,7 @@ def run_demo(args, device):
                 n_prompts=len(PROMPTS))
 
 
-def write_demo(res, args, device, label):
+def write_demo(res, args, label):
     names = {"plain": "model.generate", "lookup": "HF prompt lookup (10)", **res["names"]}
     tree = res["tree"]
     g, n = res["facts"]
@@ -396,6 +395,8 @@ def main(argv=None):
         args.prompts, args.max_new, args.images, args.depth_sweep = 2, 32, 2, 2
     if min(args.images, args.prompts, args.max_new, args.max_depth) < 1 or args.depth_sweep < 0:
         ap.error("--images, --prompts, --max-new, --max-depth must be >= 1 and --depth-sweep >= 0")
+    if args.suite == "demo" and args.dtype:
+        ap.error("--dtype: the demo suite runs the demo VLM in float32, as `vispec demo` does")
     if any(t < 0 for t in args.temperatures):
         ap.error("--temperatures must be >= 0")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -417,7 +418,7 @@ def main(argv=None):
     ]
     if args.suite == "demo":
         res = run_demo(args, device)
-        lines, names = write_demo(res, args, device, label)
+        lines, names = write_demo(res, args, label)
         print("\n".join(lines), flush=True)
         out = ROOT / "results" / (f"e2e-demo-{label}.md" if not args.quick else f"e2e-demo-quick-{label}.md")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,6 @@ def test_draft_vocabulary(tmp_path, cls):
     lm = model.get_output_embeddings()
     assert d.logits(h).shape == (2, 3, 12)
     torch.testing.assert_close(d.logits(h), lm(h)[..., d.d2t])
-    d.begin(2, 64, "cpu")
     out = vispec.generate(model, d, **inputs, max_new_tokens=14, tree=TreeConfig(8, 3, 3))
     assert torch.equal(out.sequences, ref)
     seen = set()
@@ -262,7 +261,7 @@ def test_draft_vocabulary(tmp_path, cls):
 
 
 def test_draft_vocabulary_training_loss_is_over_the_subset():
-    from vispec.train import TrainConfig, step_loss
+    from vispec.train import TrainConfig, drafter_forward, sample_to_inputs, step_loss
 
     model = T.llava()
     d = vispec.EagleDrafter.from_target(model, seed=0)
@@ -275,3 +274,13 @@ def test_draft_vocabulary_training_loss_is_over_the_subset():
     # L1 between two distributions over the same 40 tokens is at most 2: the target was renormalised over them
     assert 0 < parts["l1"] <= 2 and torch.isfinite(loss)
     assert d.fc.weight.grad is not None
+    # The same numbers by hand: both softmaxes over the 40 rows of the full head (not the full softmax sliced).
+    with torch.no_grad():
+        inputs, tg = sample_to_inputs(rec, model.get_input_embeddings())
+        hid, pos = drafter_forward(d, inputs)
+        mask = tg["loss_mask"][pos]
+        head = model.get_output_embeddings()
+        tp = torch.softmax(head(tg["next_features"][pos[mask]])[..., :40].float(), -1)
+        dlp = torch.log_softmax(head(hid[mask])[..., :40].float(), -1)
+    assert parts["l1"] == pytest.approx(float((dlp.exp() - tp).abs().sum(-1).mean()), rel=1e-4)
+    assert parts["ce"] == pytest.approx(float(-(tp * dlp).sum(-1).mean()), rel=1e-4)

@@ -58,7 +58,7 @@ def _train(args) -> int:
 
     from .data import ShardDataset, build_prompt, load_samples
     from .drafters import DRAFTERS, TreeConfig, load_drafter
-    from .train import TrainConfig, train
+    from .train import TrainConfig, answer_vocab, train
 
     dataset = ShardDataset(args.data)  # fails before loading the model if there is no data
     model, processor = load_target(args.model, args.dtype, args.device)
@@ -73,11 +73,7 @@ def _train(args) -> int:
     else:
         drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q)
         if args.draft_vocab:
-            from .engine import _eos_list
-
-            answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
-            eos = _eos_list(model.generation_config.eos_token_id)
-            drafter.set_draft_vocab(drafter.frequent_tokens(answers, args.draft_vocab, always=eos))
+            drafter.set_draft_vocab(answer_vocab(dataset, model, args.draft_vocab))
             print(f"draft vocabulary: the {drafter.config.draft_vocab_size} most frequent answer tokens")
     eval_inputs = []
     if args.eval_data:

@@ -60,6 +60,16 @@ class TrainConfig:
         return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
 
 
+def answer_vocab(dataset, model, size: int) -> list[int]:
+    """The ``size`` most frequent answer tokens of ``dataset`` (shards from ``vispec data generate``),
+    the target's EOS ids always included: a draft vocabulary for ``drafter.set_draft_vocab``."""
+    from .drafters.eagle import EagleDrafter
+    from .engine import _eos_list
+
+    answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
+    return EagleDrafter.frequent_tokens(answers, size, always=_eos_list(model.generation_config.eos_token_id))
+
+
 def sample_to_inputs(rec: dict, embed) -> tuple[PrefillInputs, dict]:
     """A stored sample as the drafter's prefill view of the whole sequence, plus the training targets.
 

@@ -49,8 +49,7 @@ def write_samples(folder: Path, n: int, seed0: int) -> Path:
 def main(argv=None):
     from ..data import LONG_ANSWER_SUFFIX, ShardDataset, generate_shards, load_samples
     from ..drafters import DRAFTERS, TreeConfig
-    from ..engine import _eos_list
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, answer_vocab, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (images, shards, checkpoints)")
@@ -58,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--suffix", default="", help=f"appended to every prompt (ViSpec's is {LONG_ANSWER_SUFFIX!r})")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--kinds", nargs="+", choices=DRAFTER_KINDS, default=list(DRAFTER_KINDS))
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--intermediate-size", type=int, default=768, help="drafter MLP width (the LM's is 1536)")
     ap.add_argument("--draft-vocab", type=int, default=1024)
@@ -84,15 +83,13 @@ def main(argv=None):
         text = prompt(processor, f"{PROMPTS[i % len(PROMPTS)]} {args.suffix}".strip())
         held.append(dict(processor(text=[text], images=[scene.image], return_tensors="pt")))
     tree = TreeConfig(*DEMO_TREE)
-    answers = [r["input_ids"][r["loss_mask"].bool()] for r in dataset]
-    print(f"{len(dataset)} samples, {sum(len(a) for a in answers)} answer tokens", flush=True)
-    eos = _eos_list(model.generation_config.eos_token_id)
-    vocab = DRAFTERS["eagle"].frequent_tokens(answers, args.draft_vocab, always=eos)
+    vocab = answer_vocab(dataset, model, args.draft_vocab) if args.draft_vocab else None
+    print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}", flush=True)
     summary = {}
     for kind in args.kinds:
         extra = {"num_q": args.num_q} if kind == "vispec" else {}
         drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
-        if args.draft_vocab:
+        if vocab is not None:
             drafter.set_draft_vocab(vocab)
         cfg = TrainConfig(stage=1, epochs=args.epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
                           log_every=20)

@@ -114,7 +114,7 @@ def evaluate(model, processor, n: int = 40, max_new_tokens: int = 64) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--read-steps", type=int, default=1500, help="stage 1 steps (no LM forward)")
+    ap.add_argument("--read-steps", type=int, default=2000, help="stage 1 steps (no LM forward)")
     ap.add_argument("--read-batch-size", type=int, default=32)
     ap.add_argument("--read-lr", type=float, default=2e-3)
     ap.add_argument("--steps", type=int, default=300, help="stage 2 steps (description loss through the frozen LM)")

@@ -330,8 +330,8 @@ class EagleDrafter(nn.Module):
         if self.d2t is not None:
             key = (w.data_ptr(), w._version, w.dtype, self.d2t.data_ptr())
             if self._head_rows is None or self._head_rows[0] != key:
-                rows = w.detach().index_select(0, self.d2t.to(w.device))
-                self._head_rows = (key, rows, None if bias is None else bias.detach()[self.d2t.to(w.device)])
+                idx = self.d2t.to(w.device)
+                self._head_rows = (key, w.detach().index_select(0, idx), None if bias is None else bias.detach()[idx])
             w, bias = self._head_rows[1], self._head_rows[2]
         flat = h.reshape(-1, h.shape[-1])
         out = torch.matmul(w, flat.t()).t() if h.device.type == "cpu" else flat @ w.t()
