@@ -13,8 +13,32 @@ import torch
 
 WEIGHTS = Path(__file__).parent / "weights" / "vision.safetensors"
 IMAGE_TOKEN = "<image>"
-VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, image_size=96,
-              patch_size=16, projection_dim=192)
+VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, projection_dim=192)
+# Image tokens per image -> (image size, patch size) of the vision tower. 576 is LLaVA-1.5's geometry
+# (336-pixel images, 14-pixel patches), the regime ViSpec was designed for; 36 was the first demo's.
+GEOMETRY = {36: (96, 16), 144: (168, 14), 576: (336, 14)}
+DEFAULT_IMAGE_TOKENS = 36
+
+
+def vision_weights_path(image_tokens: int) -> Path:
+    """Where the vision weights of the demo VLM with ``image_tokens`` image tokens live in the package."""
+    check_image_tokens(image_tokens)
+    return WEIGHTS if image_tokens == 36 else WEIGHTS.with_name(f"vision-{image_tokens}.safetensors")
+
+
+def check_image_tokens(image_tokens) -> int:
+    if image_tokens not in GEOMETRY:
+        raise ValueError(f"the demo VLM has {', '.join(map(str, GEOMETRY))} image tokens per image, not {image_tokens!r}")
+    return image_tokens
+
+
+def weights_image_tokens(path: Path | str) -> int:
+    """The image-token count a vision weights file was trained for (stored in its metadata; 36 if absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return check_image_tokens(int(meta.get("image_tokens", 36)))
 # SmolLM2's chat format, with image items in the content lists processors use.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -24,12 +48,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.float32):
-    """(model, processor). ``vision_weights=None`` (or a missing file) leaves the vision side random."""
+def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.float32, image_tokens: int | None = None):
+    """(model, processor). ``vision_weights=None`` (or a missing file) leaves the vision side random.
+
+    The vision tower's geometry comes from the weights file; ``image_tokens`` chooses it for a random
+    vision side (and must agree with the file when both are given)."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from ..testing import smollm2
 
+    have = vision_weights is not None and Path(vision_weights).is_file()
+    if have:
+        stored = weights_image_tokens(vision_weights)
+        if image_tokens is not None and check_image_tokens(image_tokens) != stored:
+            raise ValueError(f"{vision_weights} holds vision weights for {stored} image tokens, not {image_tokens}")
+        image_tokens = stored
+    image_tokens = check_image_tokens(DEFAULT_IMAGE_TOKENS if image_tokens is None else image_tokens)
+    size, patch = GEOMETRY[image_tokens]
     lm, tok = smollm2()
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -37,7 +72,7 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
     with torch.no_grad():
         lm.get_input_embeddings().weight[image_id:] = 0  # a placeholder: replaced by image features, never emitted
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
+        vision_config=CLIPVisionConfig(**VISION, image_size=size, patch_size=patch),
         text_config=lm.config,
         image_token_id=image_id,
         vision_feature_layer=-1,
@@ -48,7 +83,7 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
     model = LlavaForConditionalGeneration(cfg)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight  # SmolLM2 ties them
-    if vision_weights is not None and Path(vision_weights).is_file():
+    if have:
         from safetensors.torch import load_file
 
         missing = model.load_state_dict(load_file(str(vision_weights)), strict=False)
@@ -58,12 +93,17 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": VISION["image_size"]},
-                                              crop_size={"height": VISION["image_size"], "width": VISION["image_size"]}),
-        tokenizer=tok, patch_size=VISION["patch_size"], vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
     return model.to(dtype).eval(), processor
+
+
+def image_tokens_of(model) -> int:
+    """Image tokens per image of a demo VLM (from its vision tower's geometry)."""
+    vc = model.config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
 
 
 def vision_state_dict(model) -> dict:
