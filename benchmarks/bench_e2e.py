@@ -232,7 +232,7 @@ def run_demo(args, device):
     facts = [0, 0]
     for temp in args.temperatures:
         sample = temp > 0
-        hf = dict(do_sample=sample, **({"temperature": temp} if sample else {}))
+        hf = dict(do_sample=sample, **({"temperature": temp, "top_k": 0} if sample else {}))  # vispec samples without top-k
         acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0, hist=[]) for m in
                ["plain", "lookup", *drafters]}
         for i, (scene, q, inp) in enumerate(tqdm(pairs, desc=f"demo T={temp:g}", file=sys.stderr)):

@@ -68,7 +68,7 @@ def test_demo_command(capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["--image", "/nonexistent.png"], "cannot read image"),
     (["--prompt", "  "], "--prompt is empty"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--tree", "100", "2", "2"], "--tree"),
     (["--threads", "0"], "--threads must be >= 1"),
 ])

@@ -13,6 +13,8 @@ VLMS = {
     "llava_next": (T.llava_next, T.llava_next_inputs),
     "qwen2_vl": (T.qwen2_vl, T.qwen_inputs),
     "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
+    "qwen3_vl": (T.qwen3_vl, T.qwen_inputs),
+    "llava_onevision": (T.llava_onevision, T.llava_onevision_inputs),  # images and videos in one batch
 }
 KINDS = [vispec.EagleDrafter, vispec.ViSpecDrafter, vispec.HiViSDrafter]
 
@@ -61,8 +63,8 @@ def test_prefill_lengths(num_q):
         d = cls.from_target(model, seed=0, num_q=num_q)
         d.begin(2, 64, torch.device("cpu"))
         d.prefill(inputs)
-        lens[cls.drafter_type()] = d._state["lens"].tolist()
-        assert d._state["next_pos"].tolist() == [20, 31]  # decoding continues over the uncompressed length
+        lens[cls.drafter_type()] = d.state.lens.tolist()
+        assert d.state.next_pos.tolist() == [20, 31]  # decoding continues over the uncompressed length
     # ViSpec: each image shrinks by (image tokens - num_q + 1) ...
     assert [e - v for e, v in zip(lens["eagle"], lens["vispec"])] == [2 * (n - num_q + 1), (n - 1) - min(num_q - 1, n - 1) + 0]
     # ... HiViS keeps the text only.
@@ -86,7 +88,7 @@ def test_vispec_sequence_construction():
     emb = d.shifted_embeds(inputs)
     want = d.fuse(emb[0:1, 15:16], inputs.features[0:1, 15:16], g2.view(1, 1, -1))
     assert torch.allclose(x[0, 7], want[0, 0], atol=1e-6)
-    assert torch.equal(d._state["glob"][0], g2.detach()) or torch.allclose(d._state["glob"][0], g2)
+    assert torch.equal(d.state.glob[0], g2.detach()) or torch.allclose(d.state.glob[0], g2)
 
 
 def test_hivis_prefill_holds_no_image_position():
@@ -202,7 +204,7 @@ def test_video_lossless_and_compressed_per_frame(build):
     for cls in KINDS:
         d = cls.from_target(model, seed=0, num_q=2)
         out = vispec.generate(model, d, **inputs, max_new_tokens=1)  # prefill + first token only
-        lens[cls.drafter_type()] = d._state["lens"].tolist()
+        lens[cls.drafter_type()] = d.state.lens.tolist()
         full = vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(6, 3, 2))
         assert torch.equal(full.sequences, ref)
     # 12 video tokens in 2 frames of 6: ViSpec keeps num_q - 1 = 1 token per frame.
@@ -221,7 +223,7 @@ def test_video_global_feature_is_the_frame_average():
     d.begin(1, 32, torch.device("cpu"))
     x, pos, count = d.prefill_sequence(inputs)
     f1, f2 = d.imadpt(inputs.inputs_embeds[0, 2:6]), d.imadpt(inputs.inputs_embeds[0, 6:10])
-    assert torch.allclose(d._state["glob"][0], (f1[-1] + f2[-1]) / 2, atol=1e-6)
+    assert torch.allclose(d.state.glob[0], (f1[-1] + f2[-1]) / 2, atol=1e-6)
     # Frames at tokens 2..5 and 6..9 -> drafter positions 1..4 and 5..8: one compressed token at each one's last.
     assert pos[0, : count[0]].tolist() == [0, 4, 8, 9, 10, 11]
     bad = PrefillInputs(**{**inputs.__dict__, "frame_tokens": [[3]]})
@@ -284,3 +286,29 @@ def test_draft_vocabulary_training_loss_is_over_the_subset():
         dlp = torch.log_softmax(head(hid[mask])[..., :40].float(), -1)
     assert parts["l1"] == pytest.approx(float((dlp.exp() - tp).abs().sum(-1).mean()), rel=1e-4)
     assert parts["ce"] == pytest.approx(float(-(tp * dlp).sum(-1).mean()), rel=1e-4)
+
+
+def qwen3_video_inputs(rows=2):
+    """Qwen3-VL videos: each frame is its own <vision_start> frame <vision_end> block after a timestamp token."""
+    g = torch.Generator().manual_seed(0)
+    vs, ve, v = T.VISION_START, T.VISION_START + 1, T.VIDEO_TOKEN
+    seqs = [torch.tensor([5 + r, 9, 20, vs] + [v] * 6 + [ve, 21, vs] + [v] * 6 + [ve, 11, 12, 13][: 3 - r])
+            for r in range(rows)]
+    inp = T.pad_rows(seqs, "left")
+    return inp | {"mm_token_type_ids": (inp["input_ids"] == v).long() * 2,
+                  "pixel_values_videos": torch.randn(rows * 2 * 4 * 6, 3 * 2 * 4 * 4, generator=g),
+                  "video_grid_thw": torch.tensor([(2, 4, 6)] * rows)}
+
+
+def test_qwen3_vl_video_lossless_and_compressed_per_frame():
+    model = T.qwen3_vl()
+    inputs = qwen3_video_inputs()
+    ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    lens = {}
+    for cls in KINDS:
+        d = cls.from_target(model, seed=0, num_q=2)
+        vispec.generate(model, d, **inputs, max_new_tokens=1)
+        lens[cls.drafter_type()] = d.state.lens.tolist()
+        assert torch.equal(vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(6, 3, 2)).sequences, ref)
+    assert [e - v for e, v in zip(lens["eagle"], lens["vispec"])] == [12 - 2, 12 - 2]  # one token per frame
+    assert [e - h for e, h in zip(lens["eagle"], lens["hivis"])] == [12, 12]  # no visual position at all

@@ -12,6 +12,8 @@ TARGETS = {
     "llava_next": (T.llava_next, T.llava_next_inputs),
     "qwen2_vl": (T.qwen2_vl, T.qwen_inputs),
     "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
+    "qwen3_vl": (T.qwen3_vl, T.qwen_inputs),
+    "llava_onevision": (T.llava_onevision, lambda lens, **kw: T.llava_onevision_inputs(lens, videos=False, **kw)),
     "qwen2": (T.qwen2_text, T.text_inputs),
     "mistral": (T.mistral_text, T.text_inputs),
 }
@@ -272,3 +274,77 @@ def test_hf_text_streamer(capsys):
     printed = capsys.readouterr().out
     assert torch.equal(out.sequences, ref)
     assert printed.strip() == tokenizer.decode(ref[0, 4:]).strip() != ""
+
+
+# ---------------------------------------------------------------------------
+# Drop-in follows model.generate's own rules
+# ---------------------------------------------------------------------------
+def test_drop_in_defaults_match_transformers():
+    """vispec's table of generate-time defaults is transformers' own."""
+    from transformers import GenerationConfig
+    from vispec.accelerate import GENERATE_DEFAULTS
+
+    theirs = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if theirs is None:
+        pytest.skip("this transformers has no generate-time defaults table")
+    theirs = theirs()
+    assert {k: theirs[k] for k in GENERATE_DEFAULTS} == GENERATE_DEFAULTS
+
+
+def test_drop_in_length_rules_and_config_without_max_new_tokens():
+    from transformers import GenerationConfig
+
+    model = T.llama(seed=5)
+    inputs = T.text_inputs([5, 8], seed=21)
+    cases = [dict(generation_config=GenerationConfig(do_sample=False)),  # HF default: 20 new tokens
+             dict(max_length=17), dict(max_length=40, max_new_tokens=6), dict()]
+    refs = [model.generate(**inputs, **kw) for kw in cases]
+    handle = vispec.accelerate(model, vispec.EagleDrafter.from_target(model, seed=1))
+    try:
+        for kw, ref in zip(cases, refs):
+            got = model.generate(**inputs, **kw)
+            assert handle.fallbacks == 0 and torch.equal(got, ref), kw
+    finally:
+        handle.undo()
+
+
+def test_drop_in_sampling_resolves_options_as_generate_does():
+    """do_sample is honoured, and unset fields take transformers' defaults (top_k 50, temperature 1)."""
+    from transformers import GenerationConfig
+
+    model = T.llama(seed=5)
+    inputs = T.text_inputs([6], seed=22)
+    greedy = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    handle = vispec.accelerate(model, vispec.EagleDrafter.from_target(model, seed=1))
+    try:
+        outs = [model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.5) for _ in range(4)]
+        assert handle.last_options == dict(max_new_tokens=12, temperature=1.5, top_k=50, top_p=None,
+                                           eos_token_id=None, pad_token_id=T.PAD)
+        assert any(not torch.equal(o, greedy) for o in outs)  # really sampled
+        model.generate(**inputs, generation_config=GenerationConfig(do_sample=True, top_k=0, top_p=0.8), max_new_tokens=3)
+        assert handle.last_options["top_k"] is None and handle.last_options["top_p"] == 0.8
+        assert handle.last_options["temperature"] == 1.0
+        model.generate(**inputs, max_new_tokens=3)
+        assert handle.last_options["temperature"] == 0.0
+    finally:
+        handle.undo()
+
+
+def test_undo_restores_a_users_own_generate():
+    model = T.llama(seed=5)
+    inputs = T.text_inputs([4], seed=23)
+    calls = []
+
+    def mine(*args, **kwargs):
+        calls.append(kwargs)
+        return type(model).generate(model, *args, **kwargs)
+
+    model.generate = mine
+    handle = vispec.accelerate(model, vispec.EagleDrafter.from_target(model, seed=1))
+    with pytest.warns(UserWarning, match="num_beams"):
+        model.generate(**inputs, max_new_tokens=3, num_beams=2)  # a fallback goes to the user's generate
+    assert len(calls) == 1
+    handle.undo()
+    assert model.__dict__["generate"] is mine
+    handle.undo()  # twice is harmless
+    assert model.__dict__["generate"] is mine

@@ -63,7 +63,12 @@ def test_image_tokens_without_pixels_and_pixels_without_tokens(llava):
         (dict(repetition_penalty=1.2), "repetition_penalty"),
         (dict(foo=1), "unexpected inputs: foo"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(max_new_tokens=True), "max_new_tokens must be a positive int"),
+        (dict(pixel_values=torch.zeros(1, 3, 32, 32)), r"unexpected inputs: pixel_values \(LlamaForCausalLM: a text-only"),
+        (dict(tree=(8, 3, 2)), "tree must be a vispec.TreeConfig"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-3), "top_k must be a non-negative int"),
     ],
@@ -118,3 +123,66 @@ def test_sliding_window_beyond_window_is_refused():
     with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
         vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=8)
     vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=6)  # inside the window: fine
+
+
+@pytest.fixture
+def no_forward():
+    """Fails the test if any module of a model runs a forward (every check comes before the first)."""
+    handles = []
+
+    def watch(model):
+        def hook(module, args):
+            raise AssertionError(f"{type(module).__name__} ran a forward before the request was refused")
+
+        handles.extend(m.register_forward_pre_hook(hook) for m in model.modules())
+        return model
+
+    yield watch
+    for h in handles:
+        h.remove()
+
+
+def _bad_requests(model, drafter):
+    """(name, call, message) of requests that must be refused before any forward."""
+    ok = T.text_inputs([4])
+    return [
+        ("empty prompt", dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "is empty"),
+        ("empty batch", dict(input_ids=torch.zeros(0, 4, dtype=torch.long)), "is empty"),
+        ("float ids", dict(input_ids=torch.zeros(1, 4)), "input_ids must be an integer tensor"),
+        ("nan temperature", dict(**ok, temperature=float("nan")), "temperature"),
+        ("pixels to a text model", dict(**ok, pixel_values=torch.zeros(1, 3, 8, 8)), "unexpected inputs: pixel_values"),
+        ("bad mask", dict(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 0, 1]])), "contiguous"),
+        ("bad tree", dict(**ok, tree=TreeConfig(8, 2, 8)), "exceeds the drafter's vocabulary"),
+    ]
+
+
+def test_every_bad_request_is_refused_before_any_forward(no_forward):
+    model = T.llama(seed=4)
+    drafter = vispec.EagleDrafter.from_target(model, seed=0)
+    drafter.set_draft_vocab(range(4))  # a tree with top_k 8 cannot be drafted from 4 tokens
+    no_forward(model)
+    no_forward(drafter)
+    for name, call, msg in _bad_requests(model, drafter):
+        kw = {"max_new_tokens": 4, "tree": TreeConfig(6, 2, 3), **call}
+        with pytest.raises(ValueError, match=msg):
+            vispec.generate(model, drafter, **kw)
+
+
+def test_drafter_in_another_dtype_is_refused_before_any_forward(no_forward):
+    model = T.llama(seed=4)
+    drafter = vispec.EagleDrafter.from_target(model, seed=0).to(torch.float64)
+    no_forward(model)
+    with pytest.raises(ValueError, match=r"drafter's weights are torch.float64 on cpu, the target's torch.float32"):
+        vispec.generate(model, drafter, **T.text_inputs([4]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="drafter's weights are torch.float64"):
+        vispec.accelerate(model, drafter)
+
+
+def test_image_problems_are_refused_before_any_forward(no_forward, llava):
+    d = vispec.EagleDrafter.from_target(llava)
+    inputs = T.llava_inputs([5])
+    no_forward(llava)
+    with pytest.raises(ValueError, match="holds 16 image tokens but no pixel_values"):
+        vispec.generate(llava, d, **{k: v for k, v in inputs.items() if k != "pixel_values"}, max_new_tokens=4)
+    with pytest.raises(ValueError, match="unexpected inputs: image_grid_thw"):
+        vispec.generate(llava, d, **inputs, image_grid_thw=torch.ones(1, 3, dtype=torch.long), max_new_tokens=4)

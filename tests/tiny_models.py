@@ -111,6 +111,22 @@ def qwen2_5_vl(seed=0):
     return model
 
 
+def qwen3_vl(seed=0):
+    """Qwen3-VL: DeepStack (visual features added in both decoder layers) and interleaved M-RoPE."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    text = _qwen_text(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                        vision_start_token_id=VISION_START, vision_end_token_id=VISION_START + 1, tie_word_embeddings=False)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
 QWEN_GRID = (1, 4, 6)  # t, h, w patches of one 16 x 24 image: 24 patches, 6 tokens after the 2x2 merge
 QWEN_IMAGE_TOKENS = 6
 
@@ -169,6 +185,42 @@ def llava_next_inputs(batch_prompt_lens, seed=0, padding="left"):
         "pixel_values": torch.randn(len(rows), 3, 3, 32, 32, generator=g),
         "image_sizes": torch.tensor(sizes),
     }
+
+
+def llava_onevision(seed=0):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    text = {k: v for k, v in _qwen_text().items() if k != "rope_parameters"} | {"model_type": "qwen2"}
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+ONEVISION_VIDEO_TOKENS = 9  # 2 frames pooled to 2 x 2, then one newline
+
+
+def llava_onevision_inputs(batch_prompt_lens, seed=0, padding="left", videos=True):
+    """Rows alternate between an anyres image (as LLaVA-NeXT's) and a 2-frame video (images only without videos)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, n in enumerate(batch_prompt_lens):
+        text = torch.randint(1, IMAGE_TOKEN, (n,), generator=g)
+        vis = (torch.full((LLAVA_NEXT_TOKENS[LLAVA_NEXT_SIZES[0]],), IMAGE_TOKEN) if i % 2 == 0 or not videos
+               else torch.full((ONEVISION_VIDEO_TOKENS,), VIDEO_TOKEN))
+        rows.append(torch.cat([text[:2], vis, text[2:]]))
+    n_vid = len(rows) // 2 if videos else 0
+    n_img = len(rows) - n_vid
+    out = pad_rows(rows, padding) | {"pixel_values": torch.randn(n_img, 3, 3, 32, 32, generator=g),
+                                     "image_sizes": torch.tensor([LLAVA_NEXT_SIZES[0]] * n_img)}
+    if n_vid:
+        out["pixel_values_videos"] = torch.randn(n_vid, 2, 3, 32, 32, generator=g)
+    return out
 
 
 def qwen2_text(seed=0):

@@ -1,6 +1,7 @@
 """The ``vispec`` command line.
 
     vispec demo [--image PNG] [--prompt TEXT] [--drafter vispec|eagle|hivis] [--temperature T]
+    vispec generate --model DIR --drafter DIR [--image PATH ...] --prompt TEXT [--compare] [...]
     vispec data generate --model PATH --data samples.jsonl --images-root DIR --out DIR [...]
     vispec train --model PATH --data SHARDS --drafter vispec --out DIR [--stage 2 --init STAGE1/final] [...]
 """
@@ -97,87 +98,101 @@ def _train(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    """Offline demo: the bundled demo VLM answers about an image twice, speculatively (streamed) and plainly."""
+def _fail(command: str, message: str) -> int:
+    print(f"vispec {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_images(command: str, paths):
+    """The images at ``paths`` as RGB, or (None, exit code) after naming the unreadable one."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            return None, _fail(command, f"cannot read image {path}: {e}")
+    return images, 0
+
+
+def _check_sampling(command: str, args) -> int:
+    """Refuses bad sampling / tree options with the option's name (0 when they are fine)."""
+    import math
+
+    from .drafters import TreeConfig
+    from .sampler import Sampler
+
+    if not args.prompt.strip():
+        return _fail(command, "--prompt is empty")
+    try:
+        Sampler(args.temperature, getattr(args, "top_k", None), getattr(args, "top_p", None))
+    except ValueError as e:
+        return _fail(command, f"--{str(e).replace('_', '-')}")
+    if args.tree is not None:
+        try:
+            TreeConfig(*args.tree)
+        except ValueError as e:
+            return _fail(command, f"--tree: {e}")
+    return 0 if math.isfinite(args.temperature) else _fail(command, "--temperature must be finite")
+
+
+def _speculate_and_compare(model, tokenizer, drafter, inputs, label: str, args, tree, compare: bool) -> int:
+    """Streams a speculative answer and prints its statistics; with ``compare`` also times plain
+    ``model.generate`` on the same request and (greedy) checks that both answers are identical."""
     import time
-    from pathlib import Path
 
     import torch
-    from PIL import Image, UnidentifiedImageError
     from transformers import TextStreamer
 
     from . import generate
-    from .demo import DEMO_IMAGE, DEMO_TREE, WEIGHTS, build_demo_vlm, drafter_path, load_demo_drafter, prompt
-    from .drafters import TreeConfig
 
-    image_path = Path(args.image) if args.image else DEMO_IMAGE
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        print(f"vispec demo: cannot read image {image_path}: {e}", file=sys.stderr)
-        return 2
-    if not args.prompt.strip():
-        print("vispec demo: --prompt is empty", file=sys.stderr)
-        return 2
-    if args.temperature < 0:
-        print("vispec demo: --temperature must be >= 0", file=sys.stderr)
-        return 2
-    for need in (WEIGHTS, drafter_path(args.drafter) / "config.json"):
-        if not need.is_file():
-            print(f"vispec demo: {need} is missing (a broken install?); `python -m vispec.demo.train_vision` and "
-                  "`python -m vispec.demo.build_drafters` rebuild the demo's weights", file=sys.stderr)
-            return 2
-    try:
-        tree = TreeConfig(*(args.tree or DEMO_TREE))
-    except ValueError as e:
-        print(f"vispec demo: --tree: {e}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    print("building the demo VLM (SmolLM2-135M-Instruct + trained vision tower) ...", flush=True)
-    model, processor = build_demo_vlm()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    drafter = load_demo_drafter(args.drafter, model)
-    tok = processor.tokenizer
-    inputs = processor(text=[prompt(processor, args.prompt)], images=[image], return_tensors="pt").to(device)
+    device = inputs["input_ids"].device
     sample = args.temperature > 0
-    hf_kw = dict(do_sample=sample, **({"temperature": args.temperature} if sample else {}))
+    spec_kw = dict(tree=tree, temperature=args.temperature, top_k=getattr(args, "top_k", None),
+                   top_p=getattr(args, "top_p", None), seed=args.seed)
+    hf_kw = dict(do_sample=sample)
+    if sample:  # the same distribution as vispec's: unset top-k / top-p mean none (not generate's top_k=50)
+        hf_kw.update(temperature=args.temperature, top_k=spec_kw["top_k"] or 0, top_p=spec_kw["top_p"] or 1.0)
 
     def sync():
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
     # Warm-up (allocator, kernels, caches) so neither timed run pays first-call costs.
-    model.generate(**inputs, max_new_tokens=4, **hf_kw)
-    generate(model, drafter, **inputs, max_new_tokens=4, tree=tree, temperature=args.temperature, seed=args.seed)
-
-    print(f"\n[{args.drafter} speculative, temperature {args.temperature:g}] {args.prompt}\n", flush=True)
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    if compare:
+        model.generate(**inputs, max_new_tokens=4, **hf_kw)
+    generate(model, drafter, **inputs, max_new_tokens=4, **spec_kw)
+    print(f"\n[{label} speculative, temperature {args.temperature:g}] {args.prompt}\n", flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sync()
     t0 = time.perf_counter()
-    spec = generate(model, drafter, **inputs, max_new_tokens=args.max_new_tokens, tree=tree,
-                    temperature=args.temperature, seed=args.seed, streamer=streamer)
+    spec = generate(model, drafter, **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **spec_kw)
     sync()
     t_spec = time.perf_counter() - t0
+    p = inputs["input_ids"].shape[1]
+    n_spec = spec.sequences.shape[1] - p
+    st = spec.stats
+    print(f"\n{n_spec} tokens in {t_spec:.2f}s ({n_spec / t_spec:.1f} tokens/s), tau {st.tau:.2f} accepted drafts per "
+          f"target forward (+1 bonus token), {st.target_forwards} target forwards")
+    print(f"vispec time: prefill {st.time_prefill:.2f}s, drafting {st.time_draft:.2f}s, verification "
+          f"{st.time_verify:.2f}s, other {st.time_other:.2f}s")
+    if not compare:
+        return 0
     torch.manual_seed(args.seed)
     sync()
     t0 = time.perf_counter()
     plain = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **hf_kw)
     sync()
     t_plain = time.perf_counter() - t0
-    p = inputs["input_ids"].shape[1]
-    n_spec, n_plain = spec.sequences.shape[1] - p, plain.shape[1] - p
-    text_spec = tok.decode(spec.sequences[0, p:], skip_special_tokens=True)
-    text_plain = tok.decode(plain[0, p:], skip_special_tokens=True)
+    n_plain = plain.shape[1] - p
     rate_spec, rate_plain = n_spec / t_spec, n_plain / t_plain
     print(f"\n{'':24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'plain model.generate':24}{n_plain:>8}{t_plain:>10.2f}{rate_plain:>10.1f}")
-    print(f"{'vispec (' + args.drafter + ')':24}{n_spec:>8}{t_spec:>10.2f}{rate_spec:>10.1f}")
-    print(f"speedup {rate_spec / rate_plain:.2f}x, tau {spec.stats.tau:.2f} accepted drafts per target forward "
-          f"(+1 bonus token), {spec.stats.target_forwards} target forwards for {n_spec} tokens")
-    st = spec.stats
-    print(f"vispec time: prefill {st.time_prefill:.2f}s, drafting {st.time_draft:.2f}s, verification "
-          f"{st.time_verify:.2f}s, other {st.time_other:.2f}s")
+    print(f"{'vispec (' + label + ')':24}{n_spec:>8}{t_spec:>10.2f}{rate_spec:>10.1f}")
+    print(f"speedup {rate_spec / rate_plain:.2f}x")
+    text_plain = tokenizer.decode(plain[0, p:], skip_special_tokens=True)
     if not sample:
         if torch.equal(spec.sequences, plain):
             print("identical: the speculative text is token for token the text of plain greedy model.generate")
@@ -188,6 +203,74 @@ def _demo(args) -> int:
           "by chance, not by method; run with --temperature 0 to compare them token for token")
     print(f"plain model.generate's sample:\n{text_plain}")
     return 0
+
+
+def _demo(args) -> int:
+    """Offline demo: the bundled demo VLM answers about an image twice, speculatively (streamed) and plainly."""
+    from pathlib import Path
+
+    import torch
+
+    from .demo import DEMO_IMAGE, DEMO_TREE, WEIGHTS, build_demo_vlm, drafter_path, load_demo_drafter, prompt
+    from .drafters import TreeConfig
+
+    images, code = _read_images("demo", [Path(args.image) if args.image else DEMO_IMAGE])
+    if images is None:
+        return code
+    if code := _check_sampling("demo", args):
+        return code
+    for need in (WEIGHTS, drafter_path(args.drafter) / "config.json"):
+        if not need.is_file():
+            return _fail("demo", f"{need} is missing (a broken install?); `python -m vispec.demo.train_vision` and "
+                         "`python -m vispec.demo.build_drafters` rebuild the demo's weights")
+    tree = TreeConfig(*(args.tree or DEMO_TREE))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    print("building the demo VLM (SmolLM2-135M-Instruct + trained vision tower) ...", flush=True)
+    model, processor = build_demo_vlm()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    drafter = load_demo_drafter(args.drafter, model)
+    inputs = processor(text=[prompt(processor, args.prompt)], images=images, return_tensors="pt").to(device)
+    return _speculate_and_compare(model, processor.tokenizer, drafter, inputs, args.drafter, args, tree, compare=True)
+
+
+def _generate(args) -> int:
+    """A user's own checkpoint and drafter: stream the speculative answer (``--compare``: against generate)."""
+    from pathlib import Path
+
+    import torch
+
+    from .data import chat_prompt
+    from .drafters import CONFIG_NAME, TreeConfig, load_drafter
+
+    if args.model != "demo" and not (Path(args.model) / "config.json").is_file():
+        return _fail("generate", f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory, or `demo`)")
+    if not (Path(args.drafter) / CONFIG_NAME).is_file():
+        return _fail("generate", f"--drafter {args.drafter}: no {CONFIG_NAME} there (a directory from save_pretrained)")
+    images, code = _read_images("generate", args.image)
+    if images is None:
+        return code
+    if code := _check_sampling("generate", args):
+        return code
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_target(args.model, args.dtype, args.device)
+    if images and not hasattr(model.config, "vision_config"):
+        return _fail("generate", f"--image: {type(model).__name__} is a text-only model")
+    try:
+        drafter = load_drafter(args.drafter, model)
+        drafter.check_target(model)
+    except ValueError as e:
+        return _fail("generate", f"--drafter {args.drafter}: {e}")
+    text = chat_prompt(processor, args.prompt, len(images))
+    kw = {"images": images} if images else {}
+    inputs = processor(text=[text], return_tensors="pt", **kw)
+    inputs.pop("token_type_ids", None)
+    inputs = inputs.to(model.device)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tree = TreeConfig(*args.tree) if args.tree else None
+    return _speculate_and_compare(model, tokenizer, drafter, dict(inputs), Path(args.drafter).name, args, tree,
+                                  compare=args.compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     d.add_argument("--device", default=None)
     d.set_defaults(func=_demo)
+    gen = sub.add_parser("generate", help="your checkpoint + drafter: stream a speculative answer (--compare: vs generate)")
+    gen.add_argument("--model", required=True, help="Hugging Face checkpoint directory, or `demo`")
+    gen.add_argument("--drafter", required=True, help="drafter directory (save_pretrained / vispec train's final/)")
+    gen.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"),
+                     help="draft tree (default: vispec.TreeConfig())")
+    gen.add_argument("--compare", action="store_true",
+                     help="also time plain model.generate on the same request; at temperature 0, check identity")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    gen.add_argument("--dtype", choices=DTYPES, default="auto")
+    gen.add_argument("--device", default=None)
+    gen.set_defaults(func=_generate)
     data = sub.add_parser("data", help="drafter training data").add_subparsers(dest="data_command", required=True)
     g = data.add_parser("generate", help="answer samples with the target and store shards for training (resumable)")
     g.add_argument("--model", required=True, help="target checkpoint directory, or `demo`")

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .models import adapter_for
+
 log = logging.getLogger("vispec.data")
 
 LONG_ANSWER_SUFFIX = "Please answer with at least 1000 words."
@@ -88,12 +90,17 @@ def skipped_ids(out_dir: Path) -> set[str]:
 
 def build_prompt(processor, sample: Sample, suffix: str, has_image: bool) -> str:
     instruction = f"{sample.instruction} {suffix}".strip() if suffix else sample.instruction
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": instruction}]
+    return chat_prompt(processor, instruction, int(has_image))
+
+
+def chat_prompt(processor, text: str, n_images: int = 0) -> str:
+    """One user turn (``n_images`` images, then ``text``) in the processor's chat format, ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
     tok = getattr(processor, "tokenizer", processor)
     if getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     token = getattr(processor, "image_token", "<image>")
-    return f"{token}\n{instruction}" if has_image else instruction
+    return "".join(f"{token}\n" for _ in range(n_images)) + text
 
 
 class _ShardWriter:
@@ -152,8 +159,9 @@ def generate_shards(
     todo = [s for s in samples if s.id not in done]
     writer = _ShardWriter(out_dir, shard_size)
     root = Path(images_root) if images_root is not None else None
-    image_ids = {getattr(model.config, n, None) for n in ("image_token_id", "image_token_index", "video_token_id")} - {None}
-    embed = model.get_input_embeddings()
+    adapter = adapter_for(model)
+    image_ids = adapter.image_token_ids()
+    embed = adapter.embed
     counts = {"written": 0, "skipped": 0, "already_done": len(samples) - len(todo)}
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token_id is None:
@@ -194,18 +202,8 @@ def generate_shards(
                 gen_kw["temperature"] = temperature
             # The prefill's input embeddings (image features merged) are captured on the way: the
             # stored forward below reuses them instead of encoding the images again.
-            box = {}
-            lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
-
-            def first_embeds(module, a, k):
-                if "emb" not in box and k.get("inputs_embeds") is not None:
-                    box["emb"] = k["inputs_embeds"]
-
-            handle = lm.register_forward_pre_hook(first_embeds, with_kwargs=True)
-            try:
+            with adapter.capture_input_embeds() as box:
                 seqs = model.generate(**inputs, **gen_kw)
-            finally:
-                handle.remove()
             p = inputs["input_ids"].shape[1]
             full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seqs[:, p:])], 1)
             # Padding after EOS is not an answer: cut each row at its first pad after the prompt.
@@ -214,31 +212,24 @@ def generate_shards(
                 tail = (seqs[r, p:] == pad).nonzero()
                 if len(tail):
                     full_mask[r, p + int(tail[0]) :] = 0
-            prompt_emb = box.get("emb")
+            prompt_emb = box.get("inputs_embeds")
             if prompt_emb is None or prompt_emb.shape[1] != p:
                 prompt_emb = embed(inputs["input_ids"])
             # Generated tokens are embedded as decoding embedded them (even an image token id the model
             # happened to emit), so the forward goes through inputs_embeds, not placeholder detection.
             emb = torch.cat([prompt_emb, embed(seqs[:, p:]).to(prompt_emb.dtype)], 1)
-            fwd = {}
-            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw")):  # M-RoPE positions
-                mm = inputs["mm_token_type_ids"]
-                mm = torch.cat([mm, torch.zeros_like(seqs[:, p:]).to(mm.dtype)], 1)
-                grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-                         if inputs.get(k) is not None}
-                fwd["position_ids"] = model.model.get_rope_index(
-                    seqs, mm_token_type_ids=mm, attention_mask=full_mask, **grids
-                )[0]
-            else:  # as generate places a padded batch
-                fwd["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = model.model(inputs_embeds=emb, attention_mask=full_mask, **fwd).last_hidden_state
+            model_inputs = {k: v for k, v in inputs.items() if k in adapter.inputs}
+            for k in adapter.token_inputs & set(model_inputs):  # per-token inputs: answer tokens are text
+                model_inputs[k] = torch.cat([model_inputs[k], torch.zeros_like(seqs[:, p:]).to(model_inputs[k].dtype)], 1)
+            pos, _ = adapter.positions(seqs, full_mask, model_inputs)
+            hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos).last_hidden_state
             for r, (s, _) in enumerate(group):
                 keep = full_mask[r].bool()
                 ids = seqs[r][keep]
                 n_prompt = int(inputs["attention_mask"][r].sum())
                 loss = torch.zeros(len(ids), dtype=torch.uint8)
                 loss[n_prompt:] = 1
-                img_mask = torch.isin(ids.cpu(), torch.tensor(sorted(image_ids))) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
+                img_mask = torch.isin(ids.cpu(), torch.tensor(image_ids)) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
                 img_mask[n_prompt:] = False  # an image token id in the answer is just a token
                 writer.add(s.id, {
                     "input_ids": ids.cpu(),

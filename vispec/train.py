@@ -64,10 +64,10 @@ def answer_vocab(dataset, model, size: int) -> list[int]:
     """The ``size`` most frequent answer tokens of ``dataset`` (shards from ``vispec data generate``),
     the target's EOS ids always included: a draft vocabulary for ``drafter.set_draft_vocab``."""
     from .drafters.eagle import EagleDrafter
-    from .engine import _eos_list
+    from .seq import eos_list
 
     answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
-    return EagleDrafter.frequent_tokens(answers, size, always=_eos_list(model.generation_config.eos_token_id))
+    return EagleDrafter.frequent_tokens(answers, size, always=eos_list(model.generation_config.eos_token_id))
 
 
 def sample_to_inputs(rec: dict, embed) -> tuple[PrefillInputs, dict]:
@@ -101,17 +101,7 @@ def drafter_forward(drafter, inputs: PrefillInputs, features_override=None):
     """Teacher-forced drafter outputs over a prompt-like sequence: (hidden (T, H), original positions (T,))."""
     if features_override is not None:
         inputs = PrefillInputs(**{**inputs.__dict__, "features": features_override})
-    p = inputs.inputs_embeds.shape[1]
-    drafter.begin(1, p, inputs.inputs_embeds.device)  # a fresh cache per sequence: no decoding state
-    x, positions, counts = drafter.prefill_sequence(inputs)
-    t = int(counts[0])
-    x, positions = x[:, :t], positions[:, :t]
-    slots = torch.arange(t, device=x.device)
-    visible = slots.view(1, 1, -1) <= slots.view(1, -1, 1)  # causal over the drafter's own sequence
-    st = drafter._state
-    kv = (st["k"][:, :, :t].to(x.dtype), st["v"][:, :, :t].to(x.dtype))
-    hidden = drafter.layers[0](x, positions, kv, slots.unsqueeze(0), visible)
-    return hidden[0], positions[0]
+    return drafter.forward_sequence(inputs)
 
 
 def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):

@@ -2,7 +2,9 @@
 
 A drafter keeps its own state for a batch of requests. The engine calls, per request:
 
-1. ``begin(batch_size, max_len, device)`` to allocate that state;
+1. ``check_target(model)`` and ``check_tree(tree)`` before any work (ValueError naming the problem);
+   ``begin(batch_size, max_len, device, tree)`` to allocate that state (``max_len`` target
+   positions; the drafter adds what its own tree drafting needs);
 2. ``prefill(PrefillInputs)`` once, with the target's view of the prompt;
 3. then, each step, ``propose(tree_config)`` to get a tree rooted at the last
    accepted token, and ``extend(tokens, features, n_valid)`` with what the target
@@ -79,7 +81,10 @@ class Drafter(Protocol):
     def check_target(self, model) -> None:
         """Raises ValueError naming the mismatch if this drafter was not built for ``model``."""
 
-    def begin(self, batch_size: int, max_len: int, device: torch.device) -> None: ...
+    def check_tree(self, tree: TreeConfig) -> None:
+        """Raises ValueError if this drafter cannot draft trees of that shape."""
+
+    def begin(self, batch_size: int, max_len: int, device: torch.device, tree: TreeConfig | None = None) -> None: ...
 
     def prefill(self, inputs: PrefillInputs) -> None: ...
 

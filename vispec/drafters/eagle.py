@@ -23,6 +23,20 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
+class DraftState:
+    """Per-request decoding state of an EAGLE-style drafter (one cache entry per drafter input)."""
+
+    k: torch.Tensor  # (B, Hkv, S, D) drafter KV cache
+    v: torch.Tensor
+    lens: torch.Tensor  # (B,) cache slots used
+    next_pos: torch.Tensor  # (B,) RoPE position of the next input (slots and positions differ: see begin)
+    roots: torch.Tensor  # (B,) last accepted token: the next tree's root
+    max_len: int
+    last_hidden: torch.Tensor | None = None  # (B, H) output at each row's last committed input
+    glob: torch.Tensor | None = None  # (B, H) ViSpec: each row's latest global image feature
+
+
+@dataclass
 class DrafterConfig:
     hidden_size: int
     intermediate_size: int
@@ -157,7 +171,7 @@ class EagleDrafter(nn.Module):
         self._head_rows = None  # (key, lm_head rows of d2t): cached, the head is frozen
         # Shared with the target, frozen, not part of this module's parameters or state dict.
         self._shared = (embed_tokens, lm_head)
-        self._state = None
+        self.state: DraftState | None = None
 
     # -- construction / persistence ---------------------------------------------------------
     @classmethod
@@ -278,6 +292,12 @@ class EagleDrafter(nn.Module):
             )
         if emb is not self._shared[0]:
             raise ValueError("this drafter shares the embeddings of another model instance; rebuild it for this target")
+        mine, theirs = self.fc.weight, emb.weight
+        if mine.dtype != theirs.dtype or mine.device != theirs.device:
+            raise ValueError(
+                f"the drafter's weights are {mine.dtype} on {mine.device}, the target's {theirs.dtype} on {theirs.device}: "
+                "move it with drafter.to(device=..., dtype=...)"
+            )
 
     def set_draft_vocab(self, token_ids) -> None:
         """Restrict drafting to ``token_ids`` (distinct ids of the target's vocabulary)."""
@@ -347,18 +367,22 @@ class EagleDrafter(nn.Module):
     # The drafter's cache holds one entry per drafter input; an entry's cache slot and its
     # RoPE position may differ (drafters that drop or compress image positions keep the
     # target's position ids), so both are tracked: ``lens`` (slots used) and ``next_pos``.
-    def begin(self, batch_size: int, max_len: int, device) -> None:
+    def begin(self, batch_size: int, max_len: int, device, tree: TreeConfig | None = None) -> None:
+        """Allocates the drafter cache: ``max_len`` committed entries, plus the draft tree's slots."""
         c = self.config
         dtype = self.fc.weight.dtype
+        if tree is not None:
+            max_len += tree.top_k * tree.depth
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self._state = dict(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
-            lens=torch.zeros(batch_size, dtype=torch.int64, device=device),
-            next_pos=torch.zeros(batch_size, dtype=torch.int64, device=device),
-            last_hidden=None,
-            max_len=max_len,
+        zeros = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.state = DraftState(
+            k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device),
+            lens=zeros, next_pos=zeros.clone(), roots=zeros.clone(), max_len=max_len,
         )
+
+    def check_tree(self, tree: TreeConfig) -> None:
+        if self.d2t is not None and tree.top_k > self.d2t.numel():
+            raise ValueError(f"tree top_k {tree.top_k} exceeds the drafter's vocabulary of {self.d2t.numel()} tokens")
 
     def fuse(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Drafter input from (embedding of the next token, target feature): fc([e ; f])."""
@@ -370,30 +394,30 @@ class EagleDrafter(nn.Module):
         ``positions`` (B, T) are their RoPE positions; ``roots`` (B,) is each row's last accepted
         token, the root of the next tree.
         """
-        s = self._state
+        s = self.state
         b, t, _ = x.shape
         dev = x.device
-        slots = s["lens"].unsqueeze(1) + torch.arange(t, device=dev)  # (B, T)
-        if t > 0 and int(slots.max()) >= s["max_len"]:
+        slots = s.lens.unsqueeze(1) + torch.arange(t, device=dev)  # (B, T)
+        if t > 0 and int(slots.max()) >= s.max_len:
             raise ValueError(f"drafter cache of {s['max_len']} positions is full")
-        keys = torch.arange(s["max_len"], device=dev)
+        keys = torch.arange(s.max_len, device=dev)
         visible = keys.view(1, 1, -1) <= slots.unsqueeze(-1)  # causal over committed + new entries
-        hidden = self.layers[0](x, positions, (s["k"], s["v"]), slots, visible)
+        hidden = self.layers[0](x, positions, (s.k, s.v), slots, visible)
         rows = torch.arange(b, device=dev)
         last = (n_valid - 1).clamp(min=0)
         has = n_valid > 0
-        s["last_hidden"] = torch.where(has.unsqueeze(1), hidden[rows, last], s["last_hidden"]) if s[
-            "last_hidden"] is not None else hidden[rows, last]
-        s["next_pos"] = torch.where(has, positions[rows, last] + 1, s["next_pos"])
-        s["lens"] = s["lens"] + n_valid
-        s["roots"] = roots
+        new = hidden[rows, last]
+        s.last_hidden = new if s.last_hidden is None else torch.where(has.unsqueeze(1), new, s.last_hidden)
+        s.next_pos = torch.where(has, positions[rows, last] + 1, s.next_pos)
+        s.lens = s.lens + n_valid
+        s.roots = roots
         return hidden
 
     def prefill(self, inputs: PrefillInputs) -> None:
         x, positions, n_valid = self.prefill_sequence(inputs)
-        self._state["lens"].zero_()
-        self._state["next_pos"].zero_()
-        self._state["last_hidden"] = None
+        self.state.lens.zero_()
+        self.state.next_pos.zero_()
+        self.state.last_hidden = None
         self._append(x, positions, n_valid, inputs.next_tokens)
 
     def prefill_sequence(self, inputs: PrefillInputs):
@@ -402,6 +426,21 @@ class EagleDrafter(nn.Module):
         x = self.fuse(self.shifted_embeds(inputs), inputs.features)
         positions = torch.arange(p, device=x.device).expand(b, p)
         return x, positions, inputs.lengths
+
+    def forward_sequence(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced outputs over one prompt-like sequence (batch 1), for training: (hidden (T, H),
+        original positions (T,)). Uses a fresh cache: no decoding state is read or kept."""
+        p = inputs.inputs_embeds.shape[1]
+        self.begin(1, p, inputs.inputs_embeds.device)
+        x, positions, counts = self.prefill_sequence(inputs)
+        t = int(counts[0])
+        x, positions = x[:, :t], positions[:, :t]
+        slots = torch.arange(t, device=x.device)
+        visible = slots.view(1, 1, -1) <= slots.view(1, -1, 1)  # causal over the drafter's own sequence
+        kv = (self.state.k[:, :, :t].to(x.dtype), self.state.v[:, :, :t].to(x.dtype))
+        hidden = self.layers[0](x, positions, kv, slots.unsqueeze(0), visible)
+        self.state = None
+        return hidden[0], positions[0]
 
     def shifted_embeds(self, inputs: PrefillInputs) -> torch.Tensor:
         """Embedding of the token following each position: inputs_embeds[:, 1:] and the new token at the end."""
@@ -414,20 +453,18 @@ class EagleDrafter(nn.Module):
     def extend(self, tokens, features, n_valid) -> None:
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         last = tokens[rows, (n_valid - 1).clamp(min=0)]
-        roots = torch.where(n_valid > 0, last, self._state["roots"])
-        positions = self._state["next_pos"].unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
+        roots = torch.where(n_valid > 0, last, self.state.roots)
+        positions = self.state.next_pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         self._append(self.fuse(self.embed_tokens(tokens), features), positions, n_valid, roots)
 
     # -- EAGLE-2 dynamic tree ----------------------------------------------------------------
     @torch.no_grad()
     def propose(self, tree: TreeConfig) -> DraftTree:
-        s = self._state
+        s = self.state
         k, depth = tree.top_k, tree.depth
-        if self.d2t is not None and k > self.d2t.numel():
-            raise ValueError(f"tree top_k {k} exceeds the drafter's vocabulary of {self.d2t.numel()} tokens")
-        h = s["last_hidden"]  # (B, H): the drafter's output at each row's last committed position
+        h = s.last_hidden  # (B, H): the drafter's output at each row's last committed position
         b, dev = h.shape[0], h.device
-        lens = s["lens"]
+        lens = s.lens
         logp = torch.log_softmax(self.logits(h).float(), -1)
         score, tok = logp.topk(k, -1)  # (B, k): level 1
         tok = self.token_ids(tok)
@@ -438,8 +475,8 @@ class EagleDrafter(nn.Module):
         front_pool = torch.arange(k, device=dev).expand(b, k)
         slots = k * max(depth - 1, 0)
         front_anc = torch.zeros(b, k, slots, dtype=torch.bool, device=dev)  # processed ancestors (tree slots)
-        keys = torch.arange(s["max_len"], device=dev).view(1, 1, -1)
-        if slots and int(lens.max()) + slots > s["max_len"]:
+        keys = torch.arange(s.max_len, device=dev).view(1, 1, -1)
+        if slots and int(lens.max()) + slots > s.max_len:
             raise ValueError(f"drafter cache of {s['max_len']} positions is full")
         base = k
         for d in range(2, depth + 1):
@@ -450,12 +487,12 @@ class EagleDrafter(nn.Module):
             own[:, torch.arange(k, device=dev), slot] = True
             anc = front_anc | own  # (B, k, slots)
             visible = keys < lens.view(b, 1, 1)  # committed prefix ...
-            tree_vis = torch.zeros(b, k, s["max_len"], dtype=torch.bool, device=dev)
+            tree_vis = torch.zeros(b, k, s.max_len, dtype=torch.bool, device=dev)
             tree_vis.scatter_(2, (lens.view(b, 1, 1) + torch.arange(slots, device=dev)).expand(b, k, slots), anc)
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
-            pos = (s["next_pos"] - 1 + (d - 1)).unsqueeze(1).expand(b, k)
+            pos = (s.next_pos - 1 + (d - 1)).unsqueeze(1).expand(b, k)
             x = self.fuse(self.embed_tokens(front_tok), front_hid)
-            hid = self.layers[0](x, pos, (s["k"], s["v"]), write, visible)  # (B, k, H)
+            hid = self.layers[0](x, pos, (s.k, s.v), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
             ctok = self.token_ids(ctok)
@@ -475,7 +512,7 @@ class EagleDrafter(nn.Module):
             base += k * k
         return build_tree(
             torch.cat(pool_score, 1), torch.cat(pool_tok, 1), torch.cat(pool_parent, 1), torch.cat(pool_depth, 1),
-            s["roots"], tree.total_tokens,
+            s.roots, tree.total_tokens,
         )
 
 

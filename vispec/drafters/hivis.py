@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .base import PrefillInputs
+from ..seq import compact
 from .eagle import EagleDrafter
-from .vispec_drafter import _compact
 
 
 class HiViSDrafter(EagleDrafter):
@@ -26,7 +26,7 @@ class HiViSDrafter(EagleDrafter):
         valid = torch.arange(p, device=dev).unsqueeze(0) < inputs.lengths.unsqueeze(1)
         text = valid if inputs.image_mask is None else valid & ~inputs.image_mask
         # Text positions left-aligned, then each pairs with the NEXT text token's embedding.
-        emb_text, pos, counts = _compact(inputs.inputs_embeds, text)
+        emb_text, pos, counts = compact(inputs.inputs_embeds, text)
         feats = torch.gather(inputs.features, 1, pos.unsqueeze(-1).expand(-1, -1, inputs.features.shape[-1]))
         nxt = torch.cat([emb_text[:, 1:], emb_text[:, :1]], 1).clone()
         rows = torch.arange(b, device=dev)

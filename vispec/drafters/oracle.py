@@ -33,7 +33,12 @@ class OracleDrafter:
         if vocab != self.vocab:
             raise ValueError(f"oracle drafter vocabulary {self.vocab} does not match the target's {vocab}")
 
-    def begin(self, batch_size, max_len, device):
+    def check_tree(self, tree: TreeConfig) -> None:
+        if 1 + tree.depth * self.width > tree.num_nodes:
+            raise ValueError(f"the oracle drafts {1 + tree.depth * self.width} nodes (depth {tree.depth} x width "
+                             f"{self.width} + root), more than tree.total_tokens + 1 = {tree.num_nodes}")
+
+    def begin(self, batch_size, max_len, device, tree=None):
         if batch_size != self.cont.shape[0]:
             raise ValueError(f"oracle drafter holds {self.cont.shape[0]} continuations, the batch has {batch_size} rows")
         self.device = device

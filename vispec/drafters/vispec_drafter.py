@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PrefillInputs
+from ..seq import compact, image_blocks
 from .eagle import DrafterConfig, EagleDrafter
 
 
@@ -47,15 +48,6 @@ class VisionAdaptor(nn.Module):
         q = self.q.to(feats.dtype).unsqueeze(0).transpose(1, 2)  # (1, heads, num_q, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # every query sees the whole image
         return self.o_proj(out.transpose(1, 2).reshape(c.num_q, -1))
-
-
-def image_blocks(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) inclusive of each run of True in a 1-D bool tensor."""
-    m = mask.to(torch.int8)
-    edges = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
-    starts = torch.nonzero(edges == 1).flatten().tolist()
-    ends = (torch.nonzero(edges == -1).flatten() - 1).tolist()
-    return list(zip(starts, ends))
 
 
 class ViSpecDrafter(EagleDrafter):
@@ -86,13 +78,13 @@ class ViSpecDrafter(EagleDrafter):
         with torch.no_grad():
             self.imadpt.q.normal_(0.0, self.config.head_dim**-0.5)
 
-    def begin(self, batch_size, max_len, device):
-        super().begin(batch_size, max_len, device)
-        self._state["glob"] = torch.zeros(batch_size, self.config.hidden_size, dtype=self.fc.weight.dtype, device=device)
+    def begin(self, batch_size, max_len, device, tree=None):
+        super().begin(batch_size, max_len, device, tree)
+        self.state.glob = torch.zeros(batch_size, self.config.hidden_size, dtype=self.fc.weight.dtype, device=device)
 
     def fuse(self, embeds, features, glob=None):
         """fc([e ; img_fc([f ; g])]) with g the row's latest global feature, (B, H) or per position (B, T, H)."""
-        g = self._state["glob"] if glob is None else glob
+        g = self.state.glob if glob is None else glob
         if g.dim() == 2:
             g = g.unsqueeze(1).expand(-1, features.shape[1], -1)
         f = self.img_fc(torch.cat([features.to(embeds.dtype), g.to(embeds.dtype)], -1))
@@ -139,16 +131,6 @@ class ViSpecDrafter(EagleDrafter):
             is_comp[r, pos] = True
         valid = torch.arange(p, device=dev).unsqueeze(0) < inputs.lengths.unsqueeze(1)
         take = (keep | is_comp) & valid
-        self._state["glob"] = row_glob
-        return _compact(x_all, take)
+        self.state.glob = row_glob
+        return compact(x_all, take)
 
-
-def _compact(x: torch.Tensor, take: torch.Tensor):
-    """Left-aligns the positions where ``take`` holds: (x (B, T, H), original positions (B, T), counts (B,))."""
-    b, p = take.shape
-    counts = take.sum(1)
-    order = torch.sort((~take).to(torch.int8), dim=1, stable=True).indices  # kept positions first, in order
-    t = max(int(counts.max()), 1)
-    idx = order[:, :t]
-    xs = torch.gather(x, 1, idx.unsqueeze(-1).expand(b, t, x.shape[-1]))
-    return xs, idx, counts
