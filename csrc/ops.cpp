@@ -10,9 +10,10 @@
 
 TORCH_LIBRARY(vispec, m) {
   // out (B, N, Hq, D); lse (B, N, Hq) float32, or shape (0,) when not requested.
+  // window > 0: sliding-window attention (prefix key k visible to a node at position p iff p - k < window).
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
-      "Tensor tree_mask, float scale, bool return_lse) -> (Tensor, Tensor)");
+      "Tensor tree_mask, float scale, bool return_lse, int window=0) -> (Tensor, Tensor)");
   // accept_path (B, max_accept + 1), accept_len (B,), bonus_token (B,); all int64.
   m.def(
       "verify_greedy(Tensor target_logits, Tensor draft_tokens, Tensor parents, "

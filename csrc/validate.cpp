@@ -34,7 +34,7 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 }  // namespace
 
 void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& cache_lens, const at::Tensor& tree_mask) {
+                          const at::Tensor& cache_lens, const at::Tensor& tree_mask, int64_t window) {
   TORCH_CHECK(q.dim() == 4, "q must have shape (B, N, Hq, D), got ", shape_str(q));
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must have shape (B, Hkv, S_max, D), got ", shape_str(k_cache));
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", shape_str(k_cache),
@@ -66,6 +66,9 @@ void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
               "tree_mask must have shape (", B, " or 1, ", N, ", ", W, "), got ", shape_str(tree_mask));
   check_same_device(tree_mask, "tree_mask", q, "q");
   TORCH_CHECK(tree_mask.is_contiguous(), "tree_mask must be contiguous");
+  // A node's depth is its mask row's bit count - 1 (< N), so every tree key of a node lies inside the window.
+  TORCH_CHECK(window == 0 || window >= N, "window must be 0 (none) or at least the N=", N,
+              " tree nodes, got ", window);
 }
 
 void check_tree_attention_values(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& cache_lens) {

@@ -13,7 +13,7 @@ namespace vispec {
 // q (B, N, Hq, D); k_cache, v_cache (B, Hkv, S_max, D); cache_lens (B,) int64;
 // tree_mask (Bm, N, ceil(N/32)) int32 with Bm in {1, B}.
 void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& cache_lens, const at::Tensor& tree_mask);
+                          const at::Tensor& cache_lens, const at::Tensor& tree_mask, int64_t window = 0);
 void check_tree_attention_values(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& cache_lens);
 

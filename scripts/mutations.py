@@ -55,6 +55,10 @@ MUTATIONS = [
              "return lens.unsqueeze(1) + depth + 1  # (B, N)", ENGINE, "tree nodes at the wrong RoPE positions"),
     Mutation("no-rope-deltas", "vispec/models/qwen_vl.py", ".unsqueeze(0) + state.to(lens.device).unsqueeze(2)",
              ".unsqueeze(0).expand(3, -1, -1)", ENGINE, "Qwen-VL tree positions without the M-RoPE offset"),
+    Mutation("no-sliding-window", "vispec/attention.py", 'window = kwargs.get("sliding_window") or 0', "window = 0",
+             ENGINE, "tree attention ignores a sliding-window layer's window"),
+    Mutation("no-logit-softcap", "vispec/models/base.py", "return logits if cap is None else", "return logits if True else",
+             ("tests/test_engine.py", "-k", "softcap"), "verification without the model's final logit softcapping"),
     Mutation("ignore-eos", "vispec/engine.py", "if t in self.eos or len(self.tokens[r]) >= self.max_new:",
              "if len(self.tokens[r]) >= self.max_new:", ENGINE, "generation runs past EOS"),
     Mutation("one-token-too-many", "vispec/engine.py", "len(self.tokens[r]) >= self.max_new:",
@@ -70,8 +74,10 @@ MUTATIONS = [
 
 
 def rebuild() -> None:
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise SystemExit(f"rebuilding the extension failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 
 
 def run(m: Mutation) -> tuple[bool, float]:

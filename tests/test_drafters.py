@@ -15,6 +15,9 @@ VLMS = {
     "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
     "qwen3_vl": (T.qwen3_vl, T.qwen_inputs),
     "llava_onevision": (T.llava_onevision, T.llava_onevision_inputs),  # images and videos in one batch
+    "idefics3": (T.idefics3, T.idefics3_inputs),
+    "gemma3": (T.gemma3, T.gemma3_inputs),
+    "smolvlm": (T.smolvlm, T.idefics3_inputs),
 }
 KINDS = [vispec.EagleDrafter, vispec.ViSpecDrafter, vispec.HiViSDrafter]
 

@@ -14,6 +14,10 @@ TARGETS = {
     "qwen2_5_vl": (T.qwen2_5_vl, T.qwen_inputs),
     "qwen3_vl": (T.qwen3_vl, T.qwen_inputs),
     "llava_onevision": (T.llava_onevision, lambda lens, **kw: T.llava_onevision_inputs(lens, videos=False, **kw)),
+    "idefics3": (T.idefics3, T.idefics3_inputs),
+    "gemma3": (T.gemma3, T.gemma3_inputs),
+    "gemma3_text": (T.gemma3_text, T.text_inputs),
+    "smolvlm": (T.smolvlm, T.idefics3_inputs),
     "qwen2": (T.qwen2_text, T.text_inputs),
     "mistral": (T.mistral_text, T.text_inputs),
 }
@@ -348,3 +352,28 @@ def test_undo_restores_a_users_own_generate():
     assert model.__dict__["generate"] is mine
     handle.undo()  # twice is harmless
     assert model.__dict__["generate"] is mine
+
+
+def test_no_warning_from_vispec_on_this_transformers(target):
+    """One generation per family with warnings as errors (a deprecated argument name would raise)."""
+    import warnings
+
+    name, model, make_inputs = target
+    inputs = make_inputs([5], seed=30)
+    drafter = vispec.EagleDrafter.from_target(model, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vispec.generate(model, drafter, **inputs, max_new_tokens=6, tree=TreeConfig(6, 2, 3))
+
+
+def test_adapter_logits_are_the_models_own_with_softcap():
+    """Verification scores what the model's forward scores: Gemma-style final logit softcapping included."""
+    from vispec.models import adapter_for
+
+    for model in (T.gemma3_text(seed=2, final_logit_softcapping=5.0), T.llama(seed=2)):
+        inputs = T.text_inputs([6], seed=31)
+        with torch.no_grad():
+            want = model(**inputs).logits[:, -1]
+            adapter = adapter_for(model)
+            got = adapter.logits(adapter.base(**inputs).last_hidden_state[:, -1])
+        torch.testing.assert_close(got, want)

@@ -113,16 +113,30 @@ def test_eagle_checkpoint_round_trip(tmp_path, llava):
         vispec.EagleDrafter.from_pretrained(tmp_path, llava)
 
 
-def test_sliding_window_beyond_window_is_refused():
+def test_sliding_window_models_are_lossless_past_the_window():
+    """Mistral's sliding window (every layer), decoded well past it: tree attention applies the window."""
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(**{**T._text_cfg().to_dict(), "sliding_window": 16})
-    model = MistralForCausalLM(cfg).eval()
+    model = MistralForCausalLM(MistralConfig(**{**T._text_cfg().to_dict(), "sliding_window": 16})).eval()
+    inputs = T.text_inputs([10, 4], seed=5)
+    ref = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    out = vispec.generate(model, vispec.EagleDrafter.from_target(model), **inputs, max_new_tokens=30,
+                          tree=TreeConfig(8, 3, 3))
+    assert torch.equal(out.sequences, ref)
+
+
+def test_what_tree_attention_cannot_do_is_refused(no_forward):
+    model = T.gemma3_text(seed=0)
     d = vispec.EagleDrafter.from_target(model)
-    with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
-        vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=8)
-    vispec.generate(model, d, **T.text_inputs([10]), max_new_tokens=6)  # inside the window: fine
+    no_forward(model)
+    with pytest.raises(ValueError, match=r"tree's 41 nodes do not fit the model's sliding window \(32\)"):
+        vispec.generate(model, d, **T.text_inputs([4]), max_new_tokens=4, tree=TreeConfig(40, 3, 8))
+    capped = T.gemma3_text(seed=0, attn_logit_softcapping=50.0)
+    no_forward(capped)
+    with pytest.raises(ValueError, match="caps attention logits"):
+        vispec.generate(capped, vispec.EagleDrafter.from_target(capped), **T.text_inputs([4]), max_new_tokens=4,
+                        tree=TreeConfig(6, 2, 3))
 
 
 @pytest.fixture

@@ -29,11 +29,11 @@ def make_inputs(b, n, hq, hkv, d, prefix_lens, dtype, device, gen, shared_mask=F
     return [t.to(device) for t in (q, k, v, lens, mask)]
 
 
-def check(q, k, v, lens, mask, device):
+def check(q, k, v, lens, mask, device, window=0):
     b, n, hq, d = q.shape
     poison_allocator(q.numel() * q.element_size() * 4, device)
-    out, lse = ops.tree_attention(q, k, v, lens, mask, return_lse=True)
-    ref_out, ref_lse = tree_attention_ref(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    out, lse = ops.tree_attention(q, k, v, lens, mask, return_lse=True, window=window)
+    ref_out, ref_lse = tree_attention_ref(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu(), window=window)
     assert out.shape == (b, n, hq, d) and out.dtype == q.dtype and lse.shape == (b, n, hq)
     atol, rtol = TOL[q.dtype]
     torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=atol, rtol=rtol)
@@ -58,6 +58,32 @@ def test_long_prefix(device, prefix):
     gen = torch.Generator().manual_seed(prefix)
     # Rows of very different lengths in one batch, as after a few decode steps.
     check(*make_inputs(2, 30, 8, 2, 128, [prefix, 17], torch.bfloat16, device, gen), device)
+
+
+@pytest.mark.parametrize("window", [16, 40, 300, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliding_window_matches_reference(device, dtype, window):
+    """Rows shorter and longer than the window; the long prefix spans many CPU tiles and CUDA splits."""
+    gen = torch.Generator().manual_seed(window)
+    check(*make_inputs(3, 13, 8, 2, 128, [4100, 20, 9], dtype, device, gen), device, window=window)
+
+
+def test_sliding_window_semantics(device):
+    """A node at position p sees prefix key k iff p - k < window: a window of N on a chain tree
+    leaves the deepest node no prefix key at all, the root the last N - 1 of them."""
+    gen = torch.Generator().manual_seed(3)
+    n, lens = 4, [10]
+    q, k, v, cl, _ = make_inputs(1, n, 2, 2, 64, lens, torch.float32, device, gen)
+    chain = ops.tree_mask_from_parents(torch.tensor([[-1, 0, 1, 2]])).to(device)
+    out = ops.tree_attention(q, k, v, cl, chain, window=n)
+    # the deepest node (position 13) sees keys 10.. only: the tree itself; the same as with an empty prefix
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :10] = 1e4  # anything the window must hide
+    out2 = ops.tree_attention(q, k2, v2, cl, chain, window=n)
+    torch.testing.assert_close(out[:, 3], out2[:, 3])
+    assert not torch.allclose(out[:, 0], out2[:, 0])  # the root (position 10) sees keys 7, 8, 9
+    with pytest.raises(RuntimeError, match="window must be 0 \\(none\\) or at least the N=4 tree nodes"):
+        ops.tree_attention(q, k, v, cl, chain, window=3)
 
 
 @pytest.mark.parametrize("shared_mask", [True, False])

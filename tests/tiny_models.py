@@ -223,6 +223,93 @@ def llava_onevision_inputs(batch_prompt_lens, seed=0, padding="left", videos=Tru
     return out
 
 
+def _idefics3_like(config_cls, model_cls, seed):
+    torch.manual_seed(seed)
+    cfg = config_cls(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8),
+                     text_config=_text_cfg().to_dict(), image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
+    model = model_cls(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def idefics3(seed=0):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _idefics3_like(Idefics3Config, Idefics3ForConditionalGeneration, seed)
+
+
+def smolvlm(seed=0):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _idefics3_like(SmolVLMConfig, SmolVLMForConditionalGeneration, seed)
+
+
+IDEFICS3_IMAGE_TOKENS = 4  # (32 / 8)^2 patches, pixel-shuffled by 2 x 2
+
+
+def idefics3_inputs(batch_prompt_lens, seed=0, padding="left"):
+    """Two image tiles per row (4 tokens each, separated by a text token), with the pixel mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_prompt_lens:
+        text = torch.randint(1, IMAGE_TOKEN, (n,), generator=g)
+        img = torch.full((IDEFICS3_IMAGE_TOKENS,), IMAGE_TOKEN)
+        rows.append(torch.cat([text[:2], img, text[2:3], img, text[3:]]))
+    b = len(rows)
+    return pad_rows(rows, padding) | {"pixel_values": torch.randn(b, 2, 3, 32, 32, generator=g),
+                                      "pixel_attention_mask": torch.ones(b, 2, 32, 32, dtype=torch.long)}
+
+
+GEMMA3_WINDOW = 32  # small, so that most tests generate past it (the default tree of 31 nodes fits)
+
+
+def _gemma3_text(**over):
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=GEMMA3_WINDOW,
+               layer_types=["sliding_attention"] * 3 + ["full_attention"], pad_token_id=PAD, eos_token_id=None,
+               bos_token_id=None, tie_word_embeddings=False)
+    return cfg | over
+
+
+def gemma3_text(seed=0, **over):
+    """Gemma-3 text: three sliding-window layers, then a global one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**_gemma3_text(**over))).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+BOI, EOI = 152, 153
+
+
+def gemma3(seed=0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    cfg = Gemma3Config(text_config=_gemma3_text(), vision_config=vision, mm_tokens_per_image=4,
+                       image_token_index=IMAGE_TOKEN, boi_token_index=BOI, eoi_token_index=EOI, tie_word_embeddings=False)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def gemma3_inputs(batch_prompt_lens, seed=0, padding="left"):
+    """<boi> 4 image tokens <eoi> inside the text, with token_type_ids (1 on image tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_prompt_lens:
+        t = torch.randint(1, IMAGE_TOKEN, (n,), generator=g)
+        rows.append(torch.cat([t[:2], torch.tensor([BOI]), torch.full((4,), IMAGE_TOKEN), torch.tensor([EOI]), t[2:]]))
+    out = pad_rows(rows, padding)
+    return out | {"pixel_values": torch.randn(len(rows), 3, 32, 32, generator=g),
+                  "token_type_ids": (out["input_ids"] == IMAGE_TOKEN).long()}
+
+
 def qwen2_text(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

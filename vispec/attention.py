@@ -28,13 +28,25 @@ class TreeStep:
     cache_lens: torch.Tensor  # (B,) int64: committed length of each row's cache
     tree_mask: torch.Tensor  # (B or 1, N, ceil(N/32)) int32, packed ancestor-or-self mask
 
+    def on(self, device: torch.device) -> "TreeStep":
+        """This step's tensors on ``device`` (layers of a model spread over devices), copied once per device."""
+        if self.cache_lens.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = TreeStep(self.cache_lens.to(device), self.tree_mask.to(device))
+        return copies[device]
+
 
 def vispec_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, vispec_tree=None, **kwargs):
     if vispec_tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # query (B, Hq, N, D) from the model; key/value are the cache's whole (B, Hkv, S_max, D) buffers.
     q = query.transpose(1, 2).contiguous()
-    out = ops.tree_attention(q, key, value, vispec_tree.cache_lens, vispec_tree.tree_mask, scale=scaling)
+    step = vispec_tree.on(query.device)
+    # Sliding-window layers (Mistral, Gemma-3's local layers, ...) pass their window; full ones None.
+    window = kwargs.get("sliding_window") or 0
+    out = ops.tree_attention(q, key, value, step.cache_lens, step.tree_mask, scale=scaling, window=window)
     return out, None  # (B, N, Hq, D), as every transformers attention function returns
 
 

@@ -48,14 +48,18 @@ class TreeCacheLayer(CacheLayerMixin):
             self.values[:, :, :n] = value_states
             return self.keys[:, :, :n], self.values[:, :, :n]
         # Tree / append: row b writes at lens[b] + i. (B, N) indices select (B, N, H, D) slices.
-        pos = o.lens.unsqueeze(1) + torch.arange(n, device=o.lens.device)
-        rows = o.row_index.unsqueeze(1).expand_as(pos)
+        lens = o.lens_on(self.keys.device)
+        pos = lens.unsqueeze(1) + torch.arange(n, device=lens.device)
+        rows = torch.arange(o.rows, device=lens.device).unsqueeze(1).expand_as(pos)
         self.keys[rows, :, pos] = key_states.transpose(1, 2)
         self.values[rows, :, pos] = value_states.transpose(1, 2)
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
         # Prefill masks cover exactly the prompt; tree steps build their own mask (no HF mask needed).
+        # transformers before 5.x's rename passes the cache positions (a tensor of the query's length).
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return query_length, 0
 
     def get_seq_length(self) -> int:
@@ -63,6 +67,8 @@ class TreeCacheLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.owner.max_len
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.x renamed it
 
 
 class TreeCache(Cache):
@@ -73,13 +79,30 @@ class TreeCache(Cache):
         self.max_len = max_len
         self.mode = "prefill"
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.row_index = torch.arange(batch_size, device=device)
+        self._lens_copies = {}  # device -> lens there, for layers on other devices (device_map="auto")
         super().__init__(layers=[TreeCacheLayer(self) for _ in range(num_layers)])
 
-    # -- the two layouts of the per-layer tensors -------------------------------------------
-    def _tensors(self):
-        live = [layer for layer in self.layers if layer.is_initialized]
-        return [layer.keys for layer in live], [layer.values for layer in live]
+    def lens_on(self, device: torch.device) -> torch.Tensor:
+        """``lens`` on a layer's device: each layer's cache lives where the layer runs."""
+        if device == self.lens.device:
+            return self.lens
+        if device not in self._lens_copies:
+            self._lens_copies[device] = self.lens.to(device)
+        return self._lens_copies[device]
+
+    def _set_lens(self, new: torch.Tensor) -> None:
+        self.lens.copy_(new)
+        self._lens_copies.clear()
+
+    def _by_device(self) -> dict:
+        """{device: (keys, values)} of the initialised layers."""
+        groups = {}
+        for layer in self.layers:
+            if layer.is_initialized:
+                k, v = groups.setdefault(layer.keys.device, ([], []))
+                k.append(layer.keys)
+                v.append(layer.values)
+        return groups
 
     @torch.no_grad()
     def unpad_(self, prompt_len: int, pad_left: torch.Tensor) -> None:
@@ -87,11 +110,12 @@ class TreeCache(Cache):
         idx = (torch.arange(prompt_len, device=pad_left.device).unsqueeze(0) + pad_left.unsqueeze(1)).clamp(
             max=prompt_len - 1
         )  # (B, P): new position j takes old position j + pad
-        rows = self.row_index.unsqueeze(1).expand_as(idx)
-        keys, values = self._tensors()
-        for t in (*keys, *values):
-            t[:, :, :prompt_len] = t[rows, :, idx].transpose(1, 2)
-        self.lens.copy_(prompt_len - pad_left)
+        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1).expand_as(idx)
+        for device, (keys, values) in self._by_device().items():
+            r, i = rows.to(device), idx.to(device)
+            for t in (*keys, *values):
+                t[:, :, :prompt_len] = t[r, :, i].transpose(1, 2)
+        self._set_lens(prompt_len - pad_left)
         self.mode = "tree"
 
     @torch.no_grad()
@@ -100,9 +124,13 @@ class TreeCache(Cache):
 
         Rows where ``active`` is False (finished rows) keep their length, so they never outgrow the cache.
         """
-        keys, values = self._tensors()
-        new_lens = ops.compact_kv_(keys, values, self.lens, accept_path, accept_len)
-        self.lens.copy_(new_lens if active is None else torch.where(active, new_lens, self.lens))
+        new_lens = None
+        for device, (keys, values) in self._by_device().items():  # one call per device: all its layers at once
+            new = ops.compact_kv_(keys, values, self.lens_on(device), accept_path.to(device), accept_len.to(device))
+            new_lens = new.to(self.lens.device) if new_lens is None or device == self.lens.device else new_lens
+        if new_lens is None:
+            return
+        self._set_lens(new_lens if active is None else torch.where(active, new_lens, self.lens))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if self.layers else 0

@@ -183,7 +183,12 @@ class Decoding:
         pos = self.adapter.tree_positions(self.state, self.cache.lens, dt.depth)
         clock.lap("draft")
         h = self.adapter.tree_forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
-        path, alen, bonus = self.sampler.verify(self.adapter.lm_head(h), dt, min(self.tree.depth, n - 1))
+        logits = self.adapter.logits(h)  # (B, N, V): on the head's device (a model spread over devices)
+        on = logits.device
+        verified = self.sampler.verify(logits, DraftTree(dt.tokens.to(on), dt.parents.to(on), dt.depth),
+                                       min(self.tree.depth, n - 1))
+        path, alen, bonus = (t.to(done.device) for t in verified)
+        h = h.to(done.device)
         alen = alen.masked_fill(done, 0)  # finished rows keep their cache length
         self.cache.compact_(path, alen, active=~done)
         clock.lap("verify")
@@ -249,7 +254,7 @@ def generate(
     cache = TreeCache(adapter.num_layers, b, p + req.max_new_tokens + req.tree.num_nodes + 1, device)
     with adapter.tree_attention():
         pre = adapter.prefill(req.lp_ids, req.lp_mask, req.model_inputs, cache)
-        first = req.sampler.first(adapter.lm_head(pre.hidden[:, -1]))
+        first = req.sampler.first(adapter.logits(pre.hidden[:, -1])).to(device)
         lengths = req.lp_mask.sum(1)
         pad_left = p - lengths
         cache.unpad_(p, pad_left)
@@ -258,8 +263,8 @@ def generate(
         drafter.begin(b, cache.max_len, device, req.tree)
         drafter.prefill(PrefillInputs(
             input_ids=left_align(req.lp_ids, pad_left),
-            inputs_embeds=left_align(pre.inputs_embeds, pad_left),
-            features=left_align(pre.hidden, pad_left),
+            inputs_embeds=left_align(pre.inputs_embeds.to(device), pad_left),
+            features=left_align(pre.hidden.to(device), pad_left),
             lengths=lengths,
             next_tokens=first,
             image_mask=None if image_mask is None else left_align(image_mask, pad_left),
@@ -329,13 +334,7 @@ def _validate(adapter: Adapter, drafter, inputs, max_new_tokens, temperature, to
             f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_position_embeddings ({adapter.max_positions})"
         )
-    tc = adapter.text_config
-    window = getattr(tc, "sliding_window", None)
-    if window and getattr(tc, "use_sliding_window", True) and p + max_new_tokens > window:
-        raise ValueError(
-            f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's sliding window ({window}); "
-            "vispec's tree attention does not implement sliding-window attention"
-        )
+    adapter.check_model(tree)
     gen_cfg = getattr(model, "generation_config", None)
     eos = eos_list(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None))
     if pad_token_id is None:

@@ -114,6 +114,7 @@ def tree_attention(
     tree_mask: torch.Tensor,
     scale: float | None = None,
     return_lse: bool = False,
+    window: int = 0,
 ):
     """Attention of the N tree queries over a prefix plus the tree itself.
 
@@ -121,7 +122,9 @@ def tree_attention(
     tree tokens' K/V at ``cache_lens[b] ..``; cache_lens ``(B,)`` int64;
     tree_mask bool ``(B or 1, N, N)`` / ``(N, N)``, or packed int32 from
     :func:`pack_tree_mask`. Returns out ``(B, N, Hq, D)`` (and lse ``(B, N, Hq)``
-    fp32, natural log, if ``return_lse``).
+    fp32, natural log, if ``return_lse``). ``window > 0`` is sliding-window attention: a node at
+    position ``cache_lens[b] + depth`` (its depth = bits in its mask row - 1) sees prefix keys ``k``
+    with ``position - k < window`` (transformers' rule); it must be 0 or at least N.
     """
     if tree_mask.dtype == torch.bool:
         if tree_mask.dim() == 2:
@@ -129,7 +132,8 @@ def tree_attention(
         tree_mask = pack_tree_mask(tree_mask)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, lse = torch.ops.vispec.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, float(scale), return_lse)
+    out, lse = torch.ops.vispec.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, float(scale), return_lse,
+                                               int(window or 0))
     return (out, lse) if return_lse else out
 
 
@@ -246,7 +250,7 @@ def compact_kv_(
 # Fake (meta) implementations, so torch.compile(fullgraph=True) traces the ops
 # ---------------------------------------------------------------------------
 @torch.library.register_fake("vispec::tree_attention")
-def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse):
+def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse, window=0):
     lse_shape = (q.shape[0], q.shape[1], q.shape[2]) if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 
-def tree_attention_ref(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
-    """out (B, N, Hq, D) in q's dtype and lse (B, N, Hq) fp32; tree_mask bool (B or 1, N, N)."""
+def tree_attention_ref(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, window=0):
+    """out (B, N, Hq, D) in q's dtype and lse (B, N, Hq) fp32; tree_mask bool (B or 1, N, N).
+    window > 0: node i (at position cache_len + depth_i) sees prefix keys k with position - k < window."""
     b, n, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -23,7 +24,11 @@ def tree_attention_ref(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
     rel = (pos.view(1, 1, s_max) - lens).clamp(0, n - 1)  # tree node of a key position
     in_tree = (pos.view(1, 1, s_max) >= lens) & (pos.view(1, 1, s_max) < lens + n)
     tree_vis = torch.gather(mask, 2, rel.expand(b, n, s_max))
-    visible = (pos.view(1, 1, s_max) < lens) | (in_tree & tree_vis)  # (B, N, S)
+    prefix = pos.view(1, 1, s_max) < lens
+    if window:
+        depth = mask.sum(-1, keepdim=True) - 1  # (B, N, 1): ancestors-or-self minus one
+        prefix = prefix & (lens + depth - pos.view(1, 1, s_max) < window)
+    visible = prefix | (in_tree & tree_vis)  # (B, N, S)
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, N)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)

@@ -23,14 +23,23 @@ def tiny_tokenizer(vocab: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0")
 
 
+def clip_image_processor(size: int):
+    """CLIP's PIL image processor (``CLIPImageProcessorPil`` on newer transformers, where plain
+    ``CLIPImageProcessor`` needs torchvision), resizing and cropping to ``size`` pixels."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def tiny_llava_and_processor(seed: int = 0):
     """A 2-layer LLaVA (hidden 64) and a LlavaProcessor with a minimal chat template."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.chat_template = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}t1"
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = clip_image_processor(32)
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           image_token="<image>", num_additional_image_tokens=1, chat_template=tok.chat_template)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

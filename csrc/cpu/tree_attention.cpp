@@ -2,7 +2,10 @@
 // that share a kv head are stacked into one matrix, so each K/V tile is read once
 // and both products run as BLAS GEMMs; an online softmax (as in flash attention)
 // keeps memory at one tile whatever the prefix. The tree mask is applied only on
-// the tiles that hold tree positions.
+// the tiles that hold tree positions. With a sliding window, node n (at position
+// L + depth(n), depth = its mask row's bit count - 1) sees prefix keys from
+// L + depth(n) - window + 1 on: tiles wholly below every node's first key are skipped,
+// the first ones are masked.
 //
 // Tasks run one after the other and the GEMMs use ATen's intra-op threads. Running
 // the tasks under at::parallel_for instead nests BLAS/oneDNN threading inside an
@@ -24,8 +27,8 @@ namespace {
 int64_t tile_keys(int64_t rows) { return std::clamp<int64_t>(65536 / std::max<int64_t>(rows, 1), 256, 4096); }
 
 void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& cache_lens, const at::Tensor& tree_mask, float scale, at::Tensor& out,
-                           at::Tensor& lse) {
+                           const at::Tensor& cache_lens, const at::Tensor& tree_mask, float scale, int64_t window,
+                           at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1);
   const int64_t G = Hq / Hkv;  // query heads per kv head
@@ -42,6 +45,7 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor lv = lse.numel() > 0 ? lse.view({B, N, Hkv, G}).permute({0, 2, 1, 3}) : at::Tensor();
   const int64_t tile = tile_keys(Hkv * R);
   at::Tensor bias = at::empty({R, N}, q.options().dtype(at::kFloat));  // the tree mask as 0 / -inf
+  at::Tensor first_key = at::empty({R}, q.options().dtype(at::kLong));  // window: each row's first visible key
 
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = lens[b];
@@ -52,15 +56,30 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
     at::Tensor l = at::zeros({Hkv, R, 1}, qf.options());
     const uint32_t* mrow = mask + b * mask_bstride;
     float* bp = bias.data_ptr<float>();
+    int64_t* fk = first_key.data_ptr<int64_t>();
+    int64_t lo_min = L, lo_max = 0;  // range of the rows' first visible prefix keys
     for (int64_t r = 0; r < R; ++r) {
       const int64_t n = r / G;
-      for (int64_t j = 0; j < N; ++j) bp[r * N + j] = ((mrow[n * W + j / 32] >> (j % 32)) & 1u) ? 0.f : neg_inf;
+      int64_t bits = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        const bool on = (mrow[n * W + j / 32] >> (j % 32)) & 1u;
+        bp[r * N + j] = on ? 0.f : neg_inf;
+        bits += on;
+      }
+      fk[r] = window > 0 ? std::clamp<int64_t>(L + (bits - 1) - window + 1, 0, L) : 0;
+      lo_min = std::min(lo_min, fk[r]);
+      lo_max = std::max(lo_max, fk[r]);
     }
-    for (int64_t t0 = 0; t0 < L + N; t0 += tile) {
+    const at::Tensor fk_col = first_key.view({1, R, 1});
+    for (int64_t t0 = window > 0 ? lo_min : 0; t0 < L + N; t0 += tile) {
       const int64_t nt = std::min(tile, L + N - t0);
       const at::Tensor kf = k_cache[b].narrow(1, t0, nt).to(at::kFloat);  // (Hkv, nt, D)
       const at::Tensor vf = v_cache[b].narrow(1, t0, nt).to(at::kFloat);
       at::Tensor s = at::bmm(qf, kf.transpose(1, 2));  // (Hkv, R, nt) scaled scores, one GEMM per kv head
+      if (window > 0 && t0 < lo_max) {  // keys older than a row's window
+        const at::Tensor pos = at::arange(t0, t0 + nt, first_key.options()).view({1, 1, nt});
+        s.masked_fill_(pos < fk_col, neg_inf);
+      }
       if (t0 + nt > L) {  // this tile holds tree positions: apply the mask there only
         const int64_t c0 = std::max<int64_t>(0, L - t0);  // first tree column of the tile
         s.narrow(2, c0, nt - c0).add_(bias.narrow(1, t0 + c0 - L, nt - c0));
@@ -86,13 +105,14 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
 
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                       const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                                      const at::Tensor& tree_mask, double scale, bool return_lse) {
-  check_tree_attention(q, k_cache, v_cache, cache_lens, tree_mask);
+                                                      const at::Tensor& tree_mask, double scale, bool return_lse,
+                                                      int64_t window) {
+  check_tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, window);
   check_tree_attention_values(q, k_cache, cache_lens);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
                               : at::empty({0}, q.options().dtype(at::kFloat));
-  tree_attention_kernel(q, k_cache, v_cache, cache_lens, tree_mask, static_cast<float>(scale), out, lse);
+  tree_attention_kernel(q, k_cache, v_cache, cache_lens, tree_mask, static_cast<float>(scale), window, out, lse);
   return {out, lse};
 }
 

@@ -46,8 +46,9 @@ int current_num_sms() {
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                                        const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                                       const at::Tensor& tree_mask, double scale, bool return_lse) {
-  check_tree_attention(q, k_cache, v_cache, cache_lens, tree_mask);
+                                                       const at::Tensor& tree_mask, double scale, bool return_lse,
+                                                       int64_t window) {
+  check_tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, window);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   TORCH_CHECK(cuda::tree_attention_supports_head_dim(D), "vispec.tree_attention (CUDA): head_dim ", D,
@@ -85,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   p.v_stride_h = v_cache.stride(1);
   p.v_stride_s = v_cache.stride(2);
   p.scale = static_cast<float>(scale);
+  p.window = window;
   p.dtype = to_dtype(q.scalar_type(), "vispec.tree_attention");
 
   const int num_sms = current_num_sms();

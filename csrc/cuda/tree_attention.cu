@@ -2,6 +2,8 @@
 //
 // Query node i of batch row b attends to every prefix position 0..cache_lens[b]-1
 // and to tree position cache_lens[b] + j iff bit j of tree_mask[b or 0, i] is set.
+// With a sliding window W (p.window > 0) node i, at position cache_lens[b] + depth_i
+// (depth_i = bits in its mask row - 1), sees prefix keys from that position - W + 1 on.
 //
 // Work decomposition (kernel 1, tree_attention_kernel):
 //   one block per (b, kv head, split, row tile). The "rows" of a (b, kv head) are
@@ -157,6 +159,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     for (int i = 0; i < kDPL; ++i) acc[r][i] = 0.0f;
   }
   const int32_t* mask_b = p.tree_mask + b * p.mask_batch_stride;  // tree_mask: (Bm, N, W), batch stride 0 when shared
+  // Sliding window: first visible prefix key of each of this warp's rows (its node's depth from the mask).
+  int64_t first_key[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    first_key[r] = 0;
+    const int64_t rg = row0 + warp * kRowsPerWarp + r;
+    if (p.window > 0 && rg < R) {  // warp-uniform
+      int bits = 0;
+      for (int64_t w = lane; w < p.mask_words; w += 32) bits += __popc(static_cast<uint32_t>(mask_b[(rg / G) * p.mask_words + w]));
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) bits += __shfl_xor_sync(0xffffffffu, bits, off);
+      const int64_t fk = cl + (bits - 1) - p.window + 1;
+      first_key[r] = fk < 0 ? 0 : (fk > cl ? cl : fk);
+    }
+  }
 
   const T* kbase = static_cast<const T*>(p.k_cache) + b * p.k_stride_b + kvh * p.k_stride_h;  // (S, D) slice
   const T* vbase = static_cast<const T*>(p.v_cache) + b * p.v_stride_b + kvh * p.v_stride_h;  // (S, D) slice
@@ -246,7 +263,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       bool visible = lane < nk;
-      if (is_tree) {
+      if (!is_tree && p.window > 0) {
+        visible = visible && (start + lane >= first_key[r]);  // older than this row's window
+      } else if (is_tree) {
         // Prefix keys need no mask; tree key lane of this tile is node 32 * word + lane.
         const int64_t rg = row0 + warp * kRowsPerWarp + r;
         uint32_t bits = 0;  // rows past R (no node) and words past W see no tree key

@@ -53,9 +53,9 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
 
     The vision tower's geometry comes from the weights file; ``image_tokens`` chooses it for a random
     vision side (and must agree with the file when both are given)."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from ..testing import smollm2
+    from ..testing import clip_image_processor, smollm2
 
     have = vision_weights is not None and Path(vision_weights).is_file()
     if have:
@@ -93,7 +93,7 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        image_processor=clip_image_processor(size),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )

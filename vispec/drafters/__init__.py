@@ -17,7 +17,10 @@ def load_drafter(path, model):
     cfg = Path(path) / CONFIG_NAME
     if not cfg.is_file():
         raise FileNotFoundError(f"{cfg} not found: not a vispec drafter directory")
-    kind = json.loads(cfg.read_text()).get("drafter_type", "eagle")
+    kind = json.loads(cfg.read_text()).get("drafter_type")
+    if kind is None:
+        raise ValueError(f"{path} is not a vispec drafter directory ({cfg} names no drafter_type); official EAGLE / "
+                         "ViSpec releases load with EagleDrafter.from_official / ViSpecDrafter.from_official")
     if kind not in DRAFTERS:
         raise ValueError(f"{path}: unknown drafter type {kind!r}; known: {', '.join(DRAFTERS)}")
     return DRAFTERS[kind].from_pretrained(path, model)

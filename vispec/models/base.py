@@ -105,6 +105,22 @@ class Adapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's next-token logits from last hidden states, as its own forward computes them."""
+        logits = self.lm_head(hidden)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def check_model(self, tree) -> None:
+        """Raises ValueError if tree attention cannot reproduce this model's attention for ``tree``."""
+        tc = self.text_config
+        if getattr(tc, "attn_logit_softcapping", None) is not None:
+            raise ValueError(f"{type(self.model).__name__} caps attention logits (attn_logit_softcapping), which "
+                             "vispec's tree attention does not implement")
+        window = getattr(tc, "sliding_window", None)
+        if window and tree.num_nodes > window:
+            raise ValueError(f"the tree's {tree.num_nodes} nodes do not fit the model's sliding window ({window})")
+
     # -- requests -----------------------------------------------------------------------------------
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict) -> None:
         """Raises ValueError naming the problem with a request's model inputs (before any forward)."""

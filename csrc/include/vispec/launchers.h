@@ -45,6 +45,8 @@ struct TreeAttentionParams {
   int64_t k_stride_b, k_stride_h, k_stride_s;  // elements
   int64_t v_stride_b, v_stride_h, v_stride_s;  // elements
   float scale;                // softmax scale, usually D^-0.5
+  int64_t window;             // 0, or sliding window >= N: node i (at cache_lens[b] + depth_i, depth_i =
+                              // popcount of its mask row - 1) sees prefix key k iff that position - k < window
   DType dtype;
   void* workspace;            // tree_attention_workspace_bytes(...) bytes, or nullptr if 0
 };
