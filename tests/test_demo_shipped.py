@@ -90,16 +90,19 @@ def test_build_drafters_reproduces_the_pipeline(tmp_path):
     from vispec.demo import build_drafters
 
     out = tmp_path / "weights"
-    build_drafters.main(["--work", str(tmp_path / "work"), "--samples", "2", "--max-new-tokens", "8", "--epochs", "1",
-                         "--eval-samples", "1", "--kinds", "vispec", "--num-q", "3", "--out", str(out)])
+    build_drafters.main(["--work", str(tmp_path / "work"), "--samples", "2", "--sampled", "2", "--max-new-tokens", "8",
+                         "--epochs", "1", "--stage2-epochs", "1", "--draft-vocab-coverage", "0.99", "--eval-samples", "1",
+                         "--kinds", "vispec", "--num-q", "3", "--out", str(out)])
     config = json.loads((out / "vispec" / "config.json").read_text())
     assert config["drafter_type"] == "vispec" and config["num_q"] == 3
     assert 0 < config["draft_vocab_size"] <= 2 * 8 + 2  # the answers' tokens (+ EOS ids), not the 49k vocabulary
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
-    assert [e for e, _ in summary["vispec"]] == [1]
+    assert [(s, e) for s, e, _ in summary["vispec"]] == [(1, 1), (2, 1)]  # stage 1, then ViSpec's stage 2
+    assert summary["coverage"]["sampled"] >= 0.99 and set(summary["coverage"]) == {"greedy", "sampled"}
 
 
-@pytest.mark.parametrize("bad", [["--num-q", "0"], ["--epochs", "0"], ["--draft-vocab", "-1"]])
+@pytest.mark.parametrize("bad", [["--num-q", "0"], ["--epochs", "0"], ["--draft-vocab", "-1"], ["--sampled", "-1"],
+                                 ["--draft-vocab-coverage", "1.5"], ["--vision-weights", "/nonexistent"]])
 def test_build_drafters_refuses_bad_sizes(tmp_path, bad, capsys):
     from vispec.demo import build_drafters
 

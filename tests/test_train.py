@@ -120,3 +120,27 @@ def test_ddp_two_processes_on_cpu(tmp_path, corpus):
     assert all(r["steps"] == 2 * 7 for r in ranks)  # 14 samples, 2 epochs, each rank half of every epoch
     assert ranks[0]["fc_sum"] == ranks[1]["fc_sum"]  # gradients were all-reduced: identical weights
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_listmle_is_the_plackett_luce_likelihood_of_the_targets_order():
+    """By hand on 3 tokens: the target ranks b > c > a; the loss is -log P(b, c, a) under softmax scores."""
+    import math
+
+    from vispec.train import listmle
+
+    draft = torch.log_softmax(torch.tensor([[0.5, 2.0, -1.0, -3.0]]), -1)
+    target = torch.log_softmax(torch.tensor([[0.1, 3.0, 1.0, -9.0]]), -1)
+    s = draft[0].tolist()
+    b, c, a = s[1], s[2], s[0]
+    want = -(b - math.log(math.exp(b) + math.exp(c) + math.exp(a)) + c - math.log(math.exp(c) + math.exp(a)))
+    assert abs(float(listmle(draft, target, k=3)) - want) < 1e-5
+    # the loss falls when the draft agrees with the target's order, and is 0 only in the limit
+    agree = torch.log_softmax(torch.tensor([[1.0, 9.0, 5.0, -9.0]]), -1)
+    assert float(listmle(agree, target, k=3)) < float(listmle(draft, target, k=3))
+
+
+def test_stage2_is_vispecs_objective():
+    from vispec.train import STAGES, TrainConfig
+
+    assert STAGES[2] == dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1)
+    assert TrainConfig(stage=2, w_rank=0.5).weights()["w_rank"] == 0.5

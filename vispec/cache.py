@@ -63,7 +63,9 @@ class TreeCacheLayer(CacheLayerMixin):
         return query_length, 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.owner.mode == "prefill" else int(self.owner.lens.max())
+        # transformers asks this for its mask offsets on every forward; tree forwards use no transformers
+        # mask, so the host-side upper bound of the rows' lengths answers without a device sync.
+        return 0 if self.owner.mode == "prefill" else self.owner.host_len
 
     def get_max_length(self) -> int:
         return self.owner.max_len
@@ -80,6 +82,7 @@ class TreeCache(Cache):
         self.mode = "prefill"
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self._lens_copies = {}  # device -> lens there, for layers on other devices (device_map="auto")
+        self.host_len = 0  # an upper bound of max(lens), kept on the host
         super().__init__(layers=[TreeCacheLayer(self) for _ in range(num_layers)])
 
     def lens_on(self, device: torch.device) -> torch.Tensor:
@@ -116,6 +119,7 @@ class TreeCache(Cache):
             for t in (*keys, *values):
                 t[:, :, :prompt_len] = t[r, :, i].transpose(1, 2)
         self._set_lens(prompt_len - pad_left)
+        self.host_len = prompt_len
         self.mode = "tree"
 
     @torch.no_grad()
@@ -131,6 +135,7 @@ class TreeCache(Cache):
         if new_lens is None:
             return
         self._set_lens(new_lens if active is None else torch.where(active, new_lens, self.lens))
+        self.host_len = min(self.host_len + accept_path.shape[1], self.max_len)  # at most the whole path per row
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if self.layers else 0

@@ -6,9 +6,13 @@ positions i, the target's next feature f_{i+1} and hence the next token's
 distribution softmax(lm_head(f_{i+1})). Losses (weights per stage, all configurable):
 
     feature   SmoothL1(pred_i, f_{i+1})                                 stage 1: 1.0   stage 2: 0
-    soft CE   -sum_v p_target(v) log p_draft(v)                        stage 1: 0.1   stage 2: 0.1
-    prob L1   sum_v |p_draft(v) - p_target(v)|  (ViSpec's stage-2 loss)  stage 1: 0     stage 2: 10
+    soft CE   -sum_v p_target(v) log p_draft(v)                        stage 1: 0.1   stage 2: 0
+    prob L1   sum_v |p_draft(v) - p_target(v)|                         stage 1: 0     stage 2: 10
+    ListMLE   -log Plackett-Luce likelihood of the target's top-10     stage 1: 0     stage 2: 0.1
+              order under the draft's log-probabilities
 
+(stage 2 is ViSpec's own objective: 10 x probability L1 + 0.1 x a listwise ranking loss over
+the target's top-10)
 on the positions whose next token is part of the generated answer. EAGLE feature
 noise (U - 0.5) * 0.2 * 512 / seq_len is added to the input features. The
 self-correction passes (``passes`` > 1) rerun the sequence with the drafter's own
@@ -32,9 +36,19 @@ from tqdm import tqdm
 from .drafters.base import PrefillInputs
 
 STAGES = {
-    1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0),
-    2: dict(w_feature=0.0, w_ce=0.1, w_l1=10.0),
+    1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0),
+    2: dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1),
 }
+RANK_TOP = 10  # ListMLE ranks the target's 10 most likely tokens (ViSpec)
+
+
+def listmle(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_TOP) -> torch.Tensor:
+    """ListMLE (Xia et al., 2008): mean over rows of -log P(target's top-k order) under a Plackett-Luce
+    model scored by the draft's log-probabilities, rows (T, V). Term j: logsumexp(s[j:]) - s[j]."""
+    order = target_logp.topk(min(k, target_logp.shape[-1]), -1).indices  # (T, k), most likely first
+    s = torch.gather(draft_logp, -1, order)
+    tail = torch.logcumsumexp(s.flip(-1), -1).flip(-1)  # logsumexp over positions j..k-1
+    return (tail - s).sum(-1).mean()
 
 
 @dataclass
@@ -51,6 +65,7 @@ class TrainConfig:
     w_feature: float | None = None
     w_ce: float | None = None
     w_l1: float | None = None
+    w_rank: float | None = None
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU
     log_every: int = 10
@@ -117,7 +132,7 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
         inputs = PrefillInputs(**{**inputs.__dict__, "features": feats + (u - 0.5) * 0.2 * 512 / feats.shape[1]})
     with torch.no_grad():
         target_logp = torch.log_softmax(drafter.logits(tg["next_features"]).float(), -1)  # (L-1, V)
-    total, parts, override = 0.0, {"feature": 0.0, "ce": 0.0, "l1": 0.0}, None
+    total, parts, override = 0.0, {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0}, None
     for _ in range(max(cfg.passes, 1)):
         hid, pos = drafter_forward(drafter, inputs, override)
         mask = tg["loss_mask"][pos]
@@ -131,10 +146,12 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
         l_feat = F.smooth_l1_loss(pred.float(), tgt_f.float())
         l_ce = -(tp * dlp).sum(-1).mean()
         l_l1 = (dlp.exp() - tp).abs().sum(-1).mean()
-        total = total + w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1
+        l_rank = listmle(dlp, tlp) if w["w_rank"] else l_l1.new_zeros(())
+        total = total + w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1 + w["w_rank"] * l_rank
         parts["feature"] += float(l_feat.detach())
         parts["ce"] += float(l_ce.detach())
         parts["l1"] += float(l_l1.detach())
+        parts["rank"] += float(l_rank.detach())
         # Self-correction: the next pass reads the drafter's own predictions as features, shifted right
         # by one (position i gets the prediction made at the position before it; f_0 stays the target's).
         nxt = inputs.features.clone()

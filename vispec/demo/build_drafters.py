@@ -6,13 +6,21 @@
    training nor by the benchmark), pairs each with one of ``PROMPTS``, writes them as a
    LLaVA-style ``samples.json`` + PNGs.
 2. ``vispec.data.generate_shards`` (what ``vispec data generate --model demo --suffix ''`` runs):
-   the demo VLM answers greedily; shards keep its hidden states. The long-answer suffix is
-   part of two of the six prompts rather than appended to all, so that the data covers
-   the prompts the demo and the benchmark use.
-3. ``vispec.train.train`` (what ``vispec train`` runs) trains ViSpec, EAGLE-2 and HiViS drafters
-   on the same shards with the same settings, each scoring the ``--draft-vocab`` most frequent
-   answer tokens, and tracks held-out tau after every epoch.
-4. Saves each final drafter in bf16 under ``vispec/demo/weights/<kind>/``.
+   the demo VLM answers greedily, and a second set of scenes (``--sampled``) at temperature 1,
+   so that the drafters also learn what sampled answers say; shards keep its hidden states.
+   The long-answer suffix is part of two of the six prompts rather than appended to all, so
+   that the data covers the prompts the demo and the benchmark use.
+3. The draft vocabulary: the ``--draft-vocab`` most frequent answer tokens, or with
+   ``--draft-vocab-coverage`` the fewest that cover that fraction of the sampled answers'
+   tokens; the coverage of both answer sets is reported.
+4. ``vispec.train.train`` (what ``vispec train`` runs) trains ViSpec, EAGLE-2 and HiViS drafters
+   on the same shards with the same settings: ``--epochs`` of stage 1 (feature + soft CE), then
+   ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE), and
+   tracks held-out tau after every epoch.
+5. Saves each final drafter in bf16 under ``--out/<kind>/``.
+
+``--image-tokens`` chooses the demo VLM (36, 144 or 576 image tokens per image; its vision
+weights from the package, or ``--vision-weights``).
 
 Every step resumes: shards and training checkpoints already in ``--work`` are kept.
 """
@@ -26,7 +34,42 @@ from pathlib import Path
 import torch
 
 from . import DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, DRAFTERS_DIR, EVAL_SEED, PROMPTS, build_demo_vlm, prompt
+from .model import GEOMETRY, vision_weights_path
 from .scenes import make_scene
+
+SAMPLED_DATA_SEED = DRAFT_DATA_SEED + 10**6  # scenes of the temperature-1 answers, apart from the greedy ones
+
+
+def coverage(dataset, vocab) -> float:
+    """Fraction of the answer tokens of ``dataset`` that ``vocab`` holds."""
+    keep = set(int(t) for t in vocab)
+    hit = total = 0
+    for r in dataset:
+        ans = r["input_ids"][r["loss_mask"].bool()].tolist()
+        hit += sum(t in keep for t in ans)
+        total += len(ans)
+    return hit / max(total, 1)
+
+
+def vocab_for_coverage(dataset, model, target: float) -> list[int]:
+    """The fewest most-frequent answer tokens (EOS included) covering ``target`` of the answers' tokens."""
+    from collections import Counter
+
+    from ..seq import eos_list
+
+    counts = Counter()
+    for r in dataset:
+        counts.update(r["input_ids"][r["loss_mask"].bool()].tolist())
+    total = sum(counts.values())
+    keep, hit = list(dict.fromkeys(eos_list(model.generation_config.eos_token_id))), 0
+    hit = sum(counts.get(t, 0) for t in keep)
+    for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if hit >= target * total:
+            break
+        if t not in keep:
+            keep.append(t)
+            hit += c
+    return sorted(keep)
 
 
 def write_samples(folder: Path, n: int, seed0: int) -> Path:
@@ -53,29 +96,50 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (images, shards, checkpoints)")
-    ap.add_argument("--samples", type=int, default=320)
+    ap.add_argument("--samples", type=int, default=320, help="scenes answered greedily")
+    ap.add_argument("--sampled", type=int, default=0, help="more scenes, answered at temperature 1")
+    ap.add_argument("--image-tokens", type=int, choices=sorted(GEOMETRY), default=36)
+    ap.add_argument("--vision-weights", type=Path, default=None, help="default: the package's for --image-tokens")
     ap.add_argument("--suffix", default="", help=f"appended to every prompt (ViSpec's is {LONG_ANSWER_SUFFIX!r})")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--kinds", nargs="+", choices=DRAFTER_KINDS, default=list(DRAFTER_KINDS))
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=20, help="stage 1 epochs")
+    ap.add_argument("--stage2-epochs", type=int, default=0, help="then ViSpec's stage-2 objective for this many")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--intermediate-size", type=int, default=768, help="drafter MLP width (the LM's is 1536)")
     ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--draft-vocab-coverage", type=float, default=None,
+                    help="instead: the fewest tokens covering this fraction of the (sampled) answers' tokens")
     ap.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image: num_q - 1 compressed tokens + 1 global feature")
     ap.add_argument("--eval-samples", type=int, default=6)
     ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1:
-        ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab >= 0")
+    if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1 or args.sampled < 0 \
+            or args.stage2_epochs < 0:
+        ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab, --sampled and --stage2-epochs >= 0")
+    if args.draft_vocab_coverage is not None and not 0 < args.draft_vocab_coverage <= 1:
+        ap.error("--draft-vocab-coverage must be in (0, 1]")
+    weights = args.vision_weights or vision_weights_path(args.image_tokens)
+    if not weights.is_file():
+        ap.error(f"{weights} must be a vision weights file (there is none): train it with "
+                 f"`python -m vispec.demo.train_vision --image-tokens {args.image_tokens} --out {weights}`")
 
-    model, processor = build_demo_vlm()
-    samples_file = write_samples(args.work / "data", args.samples, DRAFT_DATA_SEED)
-    shards = args.work / "shards"
-    counts = generate_shards(model, processor, load_samples(samples_file), shards, images_root=args.work / "data" / "images",
-                             suffix=args.suffix, max_new_tokens=args.max_new_tokens, batch_size=8)
-    print(f"data: {counts}", flush=True)
-    dataset = ShardDataset(shards)
+    model, processor = build_demo_vlm(weights, image_tokens=args.image_tokens)
+    sets = {}
+    for name, n, seed0, temperature in (("greedy", args.samples, DRAFT_DATA_SEED, 0.0),
+                                        ("sampled", args.sampled, SAMPLED_DATA_SEED, 1.0)):
+        if n == 0:
+            continue
+        folder = args.work / f"data-{name}"
+        samples_file = write_samples(folder, n, seed0)
+        torch.manual_seed(args.seed)  # sampled answers: reproducible
+        counts = generate_shards(model, processor, load_samples(samples_file), args.work / f"shards-{name}",
+                                 images_root=folder / "images", suffix=args.suffix, max_new_tokens=args.max_new_tokens,
+                                 batch_size=8, temperature=temperature)
+        print(f"data ({name}): {counts}", flush=True)
+        sets[name] = ShardDataset(args.work / f"shards-{name}")
+    dataset = torch.utils.data.ConcatDataset(list(sets.values()))
 
     held = []
     for i in range(args.eval_samples):  # held-out scenes past the benchmark's
@@ -83,21 +147,31 @@ def main(argv=None):
         text = prompt(processor, f"{PROMPTS[i % len(PROMPTS)]} {args.suffix}".strip())
         held.append(dict(processor(text=[text], images=[scene.image], return_tensors="pt")))
     tree = TreeConfig(*DEMO_TREE)
-    vocab = answer_vocab(dataset, model, args.draft_vocab) if args.draft_vocab else None
-    print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}", flush=True)
-    summary = {}
+    if args.draft_vocab_coverage is not None:
+        vocab = vocab_for_coverage(sets.get("sampled", dataset), model, args.draft_vocab_coverage)
+    else:
+        vocab = answer_vocab(dataset, model, args.draft_vocab) if args.draft_vocab else None
+    cover = {name: coverage(ds, vocab) for name, ds in sets.items()} if vocab else {}
+    print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}; "
+          f"answer-token coverage {cover}", flush=True)
+    summary = {"draft_vocab": len(vocab) if vocab else None, "coverage": cover}
     for kind in args.kinds:
         extra = {"num_q": args.num_q} if kind == "vispec" else {}
         drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
         if vocab is not None:
             drafter.set_draft_vocab(vocab)
-        cfg = TrainConfig(stage=1, epochs=args.epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
-                          log_every=20)
-        res = train(model, drafter, dataset, cfg, args.work / f"train-{kind}", eval_inputs=held, eval_tokens=96,
-                    tree=tree)
+        history = []
+        for stage, epochs in ((1, args.epochs), (2, args.stage2_epochs)):
+            if epochs == 0:
+                continue
+            cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
+                              log_every=20)
+            res = train(model, drafter, dataset, cfg, args.work / f"train-{kind}" / f"stage{stage}", eval_inputs=held,
+                        eval_tokens=96, tree=tree)
+            history += [[stage, e, t] for e, t in res["tau_history"]]
         drafter.save_pretrained(args.out / kind, dtype=torch.bfloat16)
-        summary[kind] = res["tau_history"]
-        print(f"{kind}: held-out tau per epoch {res['tau_history']}; saved to {args.out / kind}", flush=True)
+        summary[kind] = history
+        print(f"{kind}: held-out tau per (stage, epoch) {history}; saved to {args.out / kind}", flush=True)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
