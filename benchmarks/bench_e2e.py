@@ -211,12 +211,16 @@ def run_demo(args, device):
     import random
 
     from vispec.demo import DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, load_demo_drafter, prompt
+    from vispec.demo.model import vision_weights_path
     from vispec.demo.scenes import make_scene, score
+    from vispec.drafters import load_drafter
 
-    model, processor = build_demo_vlm()
+    model, processor = build_demo_vlm(args.vision_weights or vision_weights_path(args.image_tokens),
+                                      image_tokens=args.image_tokens)
     model.to(device)
     tok = processor.tokenizer
-    drafters = {k: load_demo_drafter(k, model) for k in DRAFTER_KINDS}
+    drafters = {k: load_drafter(args.drafters / k, model) if args.drafters else load_demo_drafter(k, model)
+                for k in DRAFTER_KINDS}
     names = {"vispec": "ViSpec", "eagle": "EAGLE-2", "hivis": "HiViS"}
     tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
@@ -230,15 +234,17 @@ def run_demo(args, device):
         vispec.generate(model, d, **pairs[0][2], max_new_tokens=4, tree=tree)
     results = {}
     facts = [0, 0]
+    per_pair = []  # T=0: (plain answer length, plain seconds, {kind: seconds})
     for temp in args.temperatures:
         sample = temp > 0
         hf = dict(do_sample=sample, **({"temperature": temp, "top_k": 0} if sample else {}))  # vispec samples without top-k
-        acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0, hist=[]) for m in
-               ["plain", "lookup", *drafters]}
+        acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0, hist=[], draft_time=0.0, spec_time=0.0)
+               for m in ["plain", "lookup", *drafters]}
         for i, (scene, q, inp) in enumerate(tqdm(pairs, desc=f"demo T={temp:g}", file=sys.stderr)):
             p = inp["input_ids"].shape[1]
             torch.manual_seed(i)
             ref, t = timed(lambda: model.generate(**inp, max_new_tokens=max_new, **hf), device)
+            t_plain = t
             acc["plain"]["time"] += t
             acc["plain"]["tokens"] += ref.shape[1] - p
             if not sample:
@@ -255,22 +261,38 @@ def run_demo(args, device):
             a["time"] += t
             a["tokens"] += out.shape[1] - p
             a["same"] &= sample or torch.equal(out, ref)
+            row = (ref.shape[1] - p, t_plain, {})
             for k, d in drafters.items():
                 out, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=tree,
                                                        temperature=temp, seed=i), device)
+                row[2][k] = t
                 a = acc[k]
+                a["draft_time"] += out.stats.time_draft
+                a["spec_time"] += out.stats.time_total
                 a["time"] += t
                 a["tokens"] += out.sequences.shape[1] - p
                 a["same"] &= sample or torch.equal(out.sequences, ref)
                 a["accepted"] += out.stats.accepted_draft_tokens
                 a["steps"] += out.stats.row_steps
                 a["hist"] = [x + y for x, y in zip_longest(a["hist"], out.stats.accept_len_hist, fillvalue=0)]
+            if not sample:
+                per_pair.append(row)
         base = acc["plain"]["tokens"] / acc["plain"]["time"]
         for m, a in acc.items():
             a["tok_s"] = a["tokens"] / a["time"]
             a["speedup"] = a["tok_s"] / base
             a["tau"] = a["accepted"] / a["steps"] if a["steps"] else None
         results[temp] = acc
+    # The drafter's prefill length against the target's input (HiViS reports 0.7-1.3%): a prefill-only call.
+    prefill_frac = {}
+    for k, d in drafters.items():
+        fr = []
+        for scene, q, inp in pairs[: args.prefill_pairs]:
+            vispec.generate(model, d, **inp, max_new_tokens=1, tree=tree)  # prefill + first token: no extend
+            fr.append(float(d.state.lens[0]) / inp["input_ids"].shape[1])
+        prefill_frac[k] = sum(fr) / max(len(fr), 1)
+    batched = run_demo_batches(model, processor, drafters, pairs, args, device, tree) if args.batches else {}
+    text_only = run_demo_text_only(model, processor, drafters, args, device, tree) if args.text_only else {}
     sweep = {}
     if args.depth_sweep:
         for k, d in drafters.items():
@@ -284,7 +306,69 @@ def run_demo(args, device):
                     s_ += out.stats.row_steps
                 sweep.setdefault(k, []).append(a / max(s_, 1))
     return dict(results=results, sweep=sweep, facts=facts, tree=tree, names=names, n_pairs=len(pairs),
-                n_prompts=len(PROMPTS))
+                n_prompts=len(PROMPTS), per_pair=per_pair, prefill_frac=prefill_frac, batched=batched,
+                text_only=text_only, image_tokens=args.image_tokens)
+
+
+def run_demo_batches(model, processor, drafters, pairs, args, device, tree):
+    """Throughput at batch sizes > 1 (greedy): consecutive pairs padded into one batch, vispec against
+    batched model.generate on the same batch; outputs must be identical."""
+    from vispec.demo import prompt
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    out = {}
+    for bsz in args.batches:
+        groups = [pairs[i : i + bsz] for i in range(0, len(pairs) - bsz + 1, bsz)][: args.batch_groups]
+        acc = {m: dict(time=0.0, tokens=0, same=True) for m in ["plain", *drafters]}
+        for g in groups:
+            inp = processor(text=[prompt(processor, q) for _, q, _ in g], images=[s.image for s, _, _ in g],
+                            return_tensors="pt", padding=True).to(device)
+            p = inp["input_ids"].shape[1]
+            ref, t = timed(lambda: model.generate(**inp, max_new_tokens=args.max_new, do_sample=False), device)
+            pad = model.generation_config.pad_token_id
+            acc["plain"]["time"] += t
+            acc["plain"]["tokens"] += int((ref[:, p:] != pad).sum())
+            for k, d in drafters.items():
+                o, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=args.max_new, tree=tree), device)
+                acc[k]["time"] += t
+                acc[k]["tokens"] += int((o.sequences[:, p:] != pad).sum())
+                acc[k]["same"] &= torch.equal(o.sequences, ref)
+        base = acc["plain"]["tokens"] / max(acc["plain"]["time"], 1e-9)
+        out[bsz] = {m: dict(tok_s=a["tokens"] / max(a["time"], 1e-9), speedup=a["tokens"] / max(a["time"], 1e-9) / base,
+                            same=a["same"]) for m, a in acc.items()}
+    return out
+
+
+TEXT_PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+                "Give three tips for learning a new language.", "What is the capital of France, and why is it famous?",
+                "Describe a sunny day at the beach.", "List five fruits and their colours.")
+
+
+def run_demo_text_only(model, processor, drafters, args, device, tree):
+    """Text-only prompts through the VLM (greedy): speedup and tau of each drafter, outputs identical."""
+    tok = processor.tokenizer
+    acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0) for m in ["plain", *drafters]}
+    for i in range(args.text_only):
+        text = tok.apply_chat_template([{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}],
+                                       add_generation_prompt=True, tokenize=False)
+        inp = tok([text], return_tensors="pt").to(device)
+        inp.pop("token_type_ids", None)
+        p = inp["input_ids"].shape[1]
+        ref, t = timed(lambda: model.generate(**inp, max_new_tokens=args.max_new, do_sample=False), device)
+        acc["plain"]["time"] += t
+        acc["plain"]["tokens"] += ref.shape[1] - p
+        for k, d in drafters.items():
+            o, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=args.max_new, tree=tree), device)
+            a = acc[k]
+            a["time"] += t
+            a["tokens"] += o.sequences.shape[1] - p
+            a["same"] &= torch.equal(o.sequences, ref)
+            a["accepted"] += o.stats.accepted_draft_tokens
+            a["steps"] += o.stats.row_steps
+    base = acc["plain"]["tokens"] / max(acc["plain"]["time"], 1e-9)
+    return {m: dict(speedup=a["tokens"] / max(a["time"], 1e-9) / base, same=a["same"],
+                    tau=a["accepted"] / a["steps"] if a["steps"] else None) for m, a in acc.items()}
 
 
 def write_demo(res, args, label):
@@ -324,6 +408,47 @@ def write_demo(res, args, label):
                 tot = sum(a["hist"])
                 reach = [sum(a["hist"][d:]) / tot for d in range(1, tree.depth + 1)]
                 lines.append(f"| {names[m]} | " + " | ".join(f"{r:.2f}" for r in reach) + " |")
+        lines.append("")
+    frac = res["prefill_frac"]
+    if frac:
+        lines += [f"Drafter prefill length as a fraction of the target's input ({args.prefill_pairs} prompts, "
+                  f"{res['image_tokens']} image tokens per image): "
+                  + ", ".join(f"{res['names'][k]} {100 * f:.1f}%" for k, f in frac.items()) + ".", ""]
+    acc0 = res["results"].get(0.0)
+    if acc0:
+        lines += ["Drafting time share of vispec's time (T=0): "
+                  + ", ".join(f"{res['names'][k]} {100 * a['draft_time'] / max(a['spec_time'], 1e-9):.0f}%"
+                              for k, a in acc0.items() if a["spec_time"]) + ".", ""]
+    if res["per_pair"]:
+        rows = sorted(res["per_pair"], key=lambda r: r[0])
+        q = max(1, len(rows) // 4)
+        bins = [rows[i : i + q] for i in range(0, len(rows), q)]
+        kinds = list(rows[0][2])
+        lines += ["## speedup against answer length (temperature 0, answers binned by length)", "",
+                  "| answer tokens | " + " | ".join(res["names"][k] for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for b in bins:
+            toks = sum(r[0] for r in b)
+            cells = [f"{sum(r[1] for r in b) / max(sum(r[2][k] for r in b), 1e-9):.2f}x" for k in kinds]
+            lines.append(f"| {b[0][0]}-{b[-1][0]} (mean {toks / len(b):.0f}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res["batched"]:
+        kinds = [m for m in next(iter(res["batched"].values())) if m != "plain"]
+        lines += [f"## throughput against batch size (temperature 0, {args.batch_groups} batches each, against "
+                  "batched model.generate on the same batch)", "",
+                  "| batch | model.generate tokens/s | " + " | ".join(res["names"][k] for k in kinds) + " | identical |",
+                  "|---|---|" + "---|" * len(kinds) + "---|"]
+        for bsz, acc in res["batched"].items():
+            same = all(acc[k]["same"] for k in kinds)
+            lines.append(f"| {bsz} | {acc['plain']['tok_s']:.1f} | "
+                         + " | ".join(f"{acc[k]['speedup']:.2f}x" for k in kinds) + f" | {'yes' if same else 'NO'} |")
+        lines.append("")
+    if res["text_only"]:
+        kinds = [m for m in res["text_only"] if m != "plain"]
+        lines += [f"## text-only prompts ({args.text_only}, temperature 0)", "", "| drafter | tau | speedup | identical |",
+                  "|---|---|---|---|"]
+        for k in kinds:
+            a = res["text_only"][k]
+            lines.append(f"| {res['names'][k]} | {a['tau']:.2f} | {a['speedup']:.2f}x | {'yes' if a['same'] else 'NO'} |")
         lines.append("")
     if res["sweep"]:
         depths = len(next(iter(res["sweep"].values())))
@@ -375,6 +500,13 @@ def main(argv=None):
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="demo suite")
     ap.add_argument("--demo-tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"))
     ap.add_argument("--depth-sweep", type=int, default=16, help="demo suite: prompts in the depth sweep (0: none)")
+    ap.add_argument("--image-tokens", type=int, default=36, help="demo suite: the demo VLM's image tokens per image")
+    ap.add_argument("--vision-weights", type=Path, default=None, help="demo suite: default the package's for --image-tokens")
+    ap.add_argument("--drafters", type=Path, default=None, help="demo suite: folder of <kind>/ drafters (default shipped)")
+    ap.add_argument("--prefill-pairs", type=int, default=10, help="demo suite: prompts measuring drafter prefill length")
+    ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
+    ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")
+    ap.add_argument("--text-only", type=int, default=0, help="demo suite: text-only prompts")
     ap.add_argument("--max-depth", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -420,14 +552,18 @@ def main(argv=None):
         res = run_demo(args, device)
         lines, names = write_demo(res, args, label)
         print("\n".join(lines), flush=True)
-        out = ROOT / "results" / (f"e2e-demo-{label}.md" if not args.quick else f"e2e-demo-quick-{label}.md")
+        name = "e2e-demo" + ("" if args.image_tokens == 36 else f"-{args.image_tokens}") + ("-quick" if args.quick else "")
+        out = ROOT / "results" / f"{name}-{label}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         png = out.with_suffix(".png")
         plot_demo(res, names, png, label)
         lines.append(f"![speedup and tau per method]({png.name})")
         out.write_text("\n".join(lines) + "\n")
         print(f"wrote {out} and {png}")
-        if not all(a["same"] for a in res["results"].get(0.0, {}).values()):
+        same = [a["same"] for a in res["results"].get(0.0, {}).values()]
+        same += [a["same"] for acc in res["batched"].values() for a in acc.values()]
+        same += [a["same"] for a in res["text_only"].values()]
+        if not all(same):
             sys.exit("a speculative output differed from model.generate at temperature 0")
         return
     all_rows = {}

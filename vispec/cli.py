@@ -146,7 +146,7 @@ def _speculate_and_compare(model, tokenizer, drafter, inputs, label: str, args, 
     import torch
     from transformers import TextStreamer
 
-    from . import generate
+    from .engine import generate
 
     device = inputs["input_ids"].device
     sample = args.temperature > 0
