@@ -507,6 +507,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
     ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")
     ap.add_argument("--text-only", type=int, default=0, help="demo suite: text-only prompts")
+    ap.add_argument("--out", type=Path, default=None, help="demo suite: the result markdown (default in results/)")
+    ap.add_argument("--json", type=Path, default=None, help="demo suite: also write tau / speedup per method as JSON")
     ap.add_argument("--max-depth", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -553,12 +555,19 @@ def main(argv=None):
         lines, names = write_demo(res, args, label)
         print("\n".join(lines), flush=True)
         name = "e2e-demo" + ("" if args.image_tokens == 36 else f"-{args.image_tokens}") + ("-quick" if args.quick else "")
-        out = ROOT / "results" / f"{name}-{label}.md"
+        out = args.out or ROOT / "results" / f"{name}-{label}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         png = out.with_suffix(".png")
         plot_demo(res, names, png, label)
         lines.append(f"![speedup and tau per method]({png.name})")
         out.write_text("\n".join(lines) + "\n")
+        if args.json:
+            import json
+
+            summary = {f"{t:g}": {m: {"tau": a["tau"], "speedup": a["speedup"], "same": a["same"]} for m, a in acc.items()}
+                       for t, acc in res["results"].items()}
+            args.json.write_text(json.dumps({"image_tokens": args.image_tokens, "results": summary,
+                                             "prefill_frac": res["prefill_frac"]}, indent=1))
         print(f"wrote {out} and {png}")
         same = [a["same"] for a in res["results"].get(0.0, {}).values()]
         same += [a["same"] for acc in res["batched"].values() for a in acc.values()]

@@ -66,3 +66,36 @@ def test_reading_stage_targets_and_loss(demo):
     assert any(p.grad is not None for p in model.model.vision_tower.parameters())
     assert model.model.language_model.embed_tokens.weight.grad is None  # the LM's rows are targets, not trained
     model.zero_grad(set_to_none=True)
+
+
+def test_reading_targets_at_576_tokens_repeat_each_cells_words():
+    from vispec.demo.scenes import Scene
+    from vispec.demo.train_vision import slot_words
+
+    s = Scene([("red", "circle", "top left")], word="cat", word_place="center")
+    words = slot_words(s, 576)
+    assert len(words) == 576
+    assert words[:8] == ["red", "circle", "top", "left"] * 2 and words[63] == "left"  # cell 0 owns tokens 0..63
+    assert words[4 * 64 : 4 * 64 + 4] == ["word", "cat", "center", "center"]
+    assert words.count("empty") == 7 * 64
+    with pytest.raises(ValueError, match="do not split into 9 cells"):
+        slot_words(s, 100)
+
+
+def test_train_vision_stops_at_its_time_limit_and_resumes_exactly(tmp_path):
+    """A run cut by --max-minutes leaves a checkpoint; --resume finishes it and marks the weights complete."""
+    from vispec.demo.model import weights_metadata
+    from vispec.demo.train_vision import main
+
+    out = tmp_path / "v.safetensors"
+    base = ["--image-tokens", "36", "--read-steps", "3", "--steps", "1", "--read-batch-size", "1", "--batch-size", "1",
+            "--eval", "0", "--save-every", "1", "--out", str(out)]
+    assert main(base + ["--max-minutes", "0.00001"]) == 3  # stopped after its first checkpoint
+    ckpt = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)
+    assert (ckpt["stage"], ckpt["step"]) == ("1/2 read", 1) and "complete" not in weights_metadata(out)
+    assert main(base + ["--resume"]) == 0
+    ckpt = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)
+    assert (ckpt["stage"], ckpt["step"]) == ("2/2 describe", 1)
+    assert weights_metadata(out) == {"image_tokens": "36", "complete": "1"}
+    with pytest.raises(SystemExit):  # the checkpoint is of another geometry: refused before any work
+        main(base[2:] + ["--image-tokens", "576", "--resume"])

@@ -96,7 +96,7 @@ def test_build_drafters_reproduces_the_pipeline(tmp_path):
     config = json.loads((out / "vispec" / "config.json").read_text())
     assert config["drafter_type"] == "vispec" and config["num_q"] == 3
     assert 0 < config["draft_vocab_size"] <= 2 * 8 + 2  # the answers' tokens (+ EOS ids), not the 49k vocabulary
-    summary = json.loads((tmp_path / "work" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "work" / "seed-0" / "summary.json").read_text())
     assert [(s, e) for s, e, _ in summary["vispec"]] == [(1, 1), (2, 1)]  # stage 1, then ViSpec's stage 2
     assert summary["coverage"]["sampled"] >= 0.99 and set(summary["coverage"]) == {"greedy", "sampled"}
 

@@ -22,7 +22,8 @@
 ``--image-tokens`` chooses the demo VLM (36, 144 or 576 image tokens per image; its vision
 weights from the package, or ``--vision-weights``).
 
-Every step resumes: shards and training checkpoints already in ``--work`` are kept.
+Every step resumes: shards and training checkpoints already in ``--work`` are kept. The data is
+shared by every ``--seed``; each seed trains under ``--work/seed-<seed>/``.
 """
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def main(argv=None):
     print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}; "
           f"answer-token coverage {cover}", flush=True)
     summary = {"draft_vocab": len(vocab) if vocab else None, "coverage": cover}
+    run_dir = args.work / f"seed-{args.seed}"  # the data above is shared by every seed's training
     for kind in args.kinds:
         extra = {"num_q": args.num_q} if kind == "vispec" else {}
         drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
@@ -166,13 +168,13 @@ def main(argv=None):
                 continue
             cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
                               log_every=20)
-            res = train(model, drafter, dataset, cfg, args.work / f"train-{kind}" / f"stage{stage}", eval_inputs=held,
+            res = train(model, drafter, dataset, cfg, run_dir / f"train-{kind}" / f"stage{stage}", eval_inputs=held,
                         eval_tokens=96, tree=tree)
             history += [[stage, e, t] for e, t in res["tau_history"]]
         drafter.save_pretrained(args.out / kind, dtype=torch.bfloat16)
         summary[kind] = history
         print(f"{kind}: held-out tau per (stage, epoch) {history}; saved to {args.out / kind}", flush=True)
-    (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,13 +32,18 @@ def check_image_tokens(image_tokens) -> int:
     return image_tokens
 
 
-def weights_image_tokens(path: Path | str) -> int:
-    """The image-token count a vision weights file was trained for (stored in its metadata; 36 if absent)."""
+def weights_metadata(path: Path | str) -> dict:
+    """A vision weights file's metadata: ``image_tokens`` (36 if absent), ``complete`` ("1" once every
+    training stage has finished; absent in a file saved mid-run)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return check_image_tokens(int(meta.get("image_tokens", 36)))
+        return dict(f.metadata() or {})
+
+
+def weights_image_tokens(path: Path | str) -> int:
+    """The image-token count a vision weights file was trained for."""
+    return check_image_tokens(int(weights_metadata(path).get("image_tokens", 36)))
 # SmolLM2's chat format, with image items in the content lists processors use.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"

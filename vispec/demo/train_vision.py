@@ -167,14 +167,18 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t_begin = time.time()
 
-    def save(stage, step, opt, sched):
+    def save_weights(complete=False):
         from safetensors.torch import save_file
 
         tmp = args.out.with_suffix(".tmp")
+        meta = {"image_tokens": str(args.image_tokens), **({"complete": "1"} if complete else {})}
         # fp16 halves what the package ships; the model runs in fp32 (weights are upcast on load)
         save_file({k: v.half() if v.is_floating_point() else v for k, v in vision_state_dict(model).items()}, str(tmp),
-                  metadata={"image_tokens": str(args.image_tokens)})
+                  metadata=meta)
         os.replace(tmp, args.out)
+
+    def save(stage, step, opt, sched):
+        save_weights()
         state = {"image_tokens": args.image_tokens, "stage": stage, "step": step, "vision": vision_state_dict(model),
                  "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
                  "torch_rng": torch.get_rng_state()}
@@ -243,6 +247,7 @@ def main(argv=None):
     for stage in stages:
         if not run(*stage):
             return 3
+    save_weights(complete=True)  # marks the file finished (the sweep and --resume read it)
     return 0
 
 
