@@ -1,5 +1,12 @@
 #include "validate.h"
 
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include <cmath>
 #include <sstream>
 
@@ -53,7 +60,9 @@ void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q's head count ", Hq, " must be a multiple of the cache's ", Hkv,
               " kv heads");
   TORCH_CHECK(S >= N, "the cache holds S_max=", S, " positions, fewer than the N=", N, " tree tokens");
-  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
+  // q may be any view whose head_dim is contiguous (the (B, Hq, N, D) -> (B, N, Hq, D) transpose that
+  // attention modules hold): the kernels take its strides.
+  TORCH_CHECK(q.stride(3) == 1, "q must be contiguous in the last (head_dim) dimension");
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "k_cache and v_cache must be contiguous in the last (head_dim) dimension");
   check_index(cache_lens, "cache_lens", {B}, q);
@@ -176,6 +185,24 @@ void check_compact(at::TensorList k_caches, at::TensorList v_caches, const at::T
                   ", expected ", ref.scalar_type());
       TORCH_CHECK(t.device() == ref.device(), name, "[", l, "] is on ", t.device(), ", expected ", ref.device());
     }
+  }
+  // Compaction writes every cache in place: two entries sharing memory (one tensor listed for two layers,
+  // K given as V, an expanded view with stride 0) would be moved twice. Host-side pointer checks, no sync.
+  std::vector<std::pair<const void*, std::string>> starts;
+  starts.reserve(2 * k_caches.size());
+  for (size_t l = 0; l < k_caches.size(); ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const at::Tensor& t = kv == 0 ? k_caches[l] : v_caches[l];
+      const std::string name = std::string(kv == 0 ? "k_caches[" : "v_caches[") + std::to_string(l) + "]";
+      TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                  " has overlapping elements (a stride of 0?): compaction writes each cache in place");
+      starts.emplace_back(t.data_ptr(), name);
+    }
+  }
+  std::sort(starts.begin(), starts.end());
+  for (size_t i = 1; i < starts.size(); ++i) {
+    TORCH_CHECK(starts[i].first != starts[i - 1].first, starts[i - 1].second, " and ", starts[i].second,
+                " are the same memory: every layer's K and V must be a cache of its own");
   }
   check_index(cache_lens, "cache_lens", {B}, ref);
   check_index(accept_path, "accept_path", {B, accept_path.size(1)}, ref);

@@ -29,7 +29,7 @@ def attn_inputs(**over):
         (dict(lens=torch.tensor([3, 29])), r"cache_lens\[1\]=29 is out of range"),
         (dict(lens=torch.tensor([-1, 0])), r"cache_lens\[0\]=-1 is out of range"),
         (dict(mask=torch.ones(2, 5, 5, dtype=torch.bool)), r"tree_mask must have shape \(2 or 1, 4, 1\)"),
-        (dict(q=torch.randn(2, 4, 8, 64).transpose(0, 1).contiguous().transpose(0, 1)), "q must be contiguous"),
+        (dict(q=torch.randn(2, 4, 64, 8).transpose(2, 3)), "q must be contiguous in the last"),
         (dict(k=torch.randn(2, 2, 64, 32).transpose(2, 3)), "contiguous in the last"),
         (dict(q=torch.randn(2, 4, 8, 64, dtype=torch.float64)), "q must be float32, float16 or bfloat16"),
     ],
@@ -127,6 +127,11 @@ def compact_inputs():
         (lambda k, v, c, p, a: (k, v, c, torch.tensor([[1, 2, 3], [0, 1, -1]]), a), r"accept_path\[0, 0\] must be 0"),
         (lambda k, v, c, p, a: (k, v, c, p, torch.tensor([3, 1])), r"accept_len\[0\]=3 must be in \[0, 2\]"),
         (lambda k, v, c, p, a: (k, v, torch.tensor([14, 3]), p, a), r"points past the cache's S_max=16"),
+        (lambda k, v, c, p, a: ([k[0], k[0]], v, c, p, a), r"k_caches\[0\] and k_caches\[1\] are the same memory"),
+        (lambda k, v, c, p, a: (k, [k[0], v[1]], c, p, a), r"k_caches\[0\] and v_caches\[0\] are the same memory"),
+        (lambda k, v, c, p, a: ([torch.zeros(1, 2, 16, 8).expand(2, 2, 16, 8) for _ in k],
+                                [torch.zeros(1, 2, 16, 8).expand(2, 2, 16, 8) for _ in v], c, p, a),
+         r"k_caches\[0\] has overlapping elements \(a stride of 0\?\)"),
     ],
 )
 def test_compact_errors(mutate, msg):

@@ -86,6 +86,19 @@ def test_sliding_window_semantics(device):
         ops.tree_attention(q, k, v, cl, chain, window=3)
 
 
+def test_q_as_the_attention_modules_transposed_view(device):
+    """q given as (B, Hq, N, D).transpose(1, 2), as attention modules hold it: no copy needed, same result."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, lens, mask = make_inputs(2, 9, 8, 2, 64, [30, 4], torch.float32, device, gen)
+    view = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of the transposed layout
+    assert not view.is_contiguous()
+    out = ops.tree_attention(view, k, v, lens, mask)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ops.tree_attention(q, k, v, lens, mask))
+    with pytest.raises(RuntimeError, match="q must be contiguous in the last"):
+        ops.tree_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, lens, mask)  # same shape, D strided
+
+
 @pytest.mark.parametrize("shared_mask", [True, False])
 def test_arbitrary_masks_and_sharing(device, shared_mask):
     gen = torch.Generator().manual_seed(7)

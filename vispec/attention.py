@@ -42,7 +42,7 @@ def vispec_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if vispec_tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # query (B, Hq, N, D) from the model; key/value are the cache's whole (B, Hkv, S_max, D) buffers.
-    q = query.transpose(1, 2).contiguous()
+    q = query.transpose(1, 2)  # (B, N, Hq, D), a view: the op takes its strides
     step = vispec_tree.on(query.device)
     # Sliding-window layers (Mistral, Gemma-3's local layers, ...) pass their window; full ones None.
     window = kwargs.get("sliding_window") or 0

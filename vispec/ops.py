@@ -252,7 +252,7 @@ def compact_kv_(
 @torch.library.register_fake("vispec::tree_attention")
 def _tree_attention_fake(q, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse, window=0):
     lse_shape = (q.shape[0], q.shape[1], q.shape[2]) if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)  # out is contiguous whatever q's strides
 
 
 def _verify_fake(target_logits, draft_tokens, max_accept):

@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
                                                       int64_t window) {
   check_tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, window);
   check_tree_attention_values(q, k_cache, cache_lens);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
                               : at::empty({0}, q.options().dtype(at::kFloat));
   tree_attention_kernel(q, k_cache, v_cache, cache_lens, tree_mask, static_cast<float>(scale), window, out, lse);
