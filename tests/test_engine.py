@@ -72,7 +72,7 @@ def row_inputs(inputs, r):
     mask = inputs["attention_mask"][r].bool()
     out = {}
     for k, v in inputs.items():
-        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):  # per-token inputs
             out[k] = v[r : r + 1][:, mask]
         elif k == "pixel_values" and "image_grid_thw" in inputs:  # Qwen: flat patches of all images
             per = int(inputs["image_grid_thw"][r].prod())

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drafter", choices=["vispec", "hivis", "eagle"], default="vispec")
     t.add_argument("--out", required=True, help="checkpoints (checkpoint-*/) and the final drafter (final/)")
     t.add_argument("--init", default=None, help="start from this drafter (stage 2 from a stage-1 EAGLE head)")
-    t.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: text losses, 2: ViSpec probability loss")
+    t.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: feature + soft CE, 2: ViSpec (10 x probability L1 + 0.1 x ListMLE)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=3e-5)
     t.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch")

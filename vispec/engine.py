@@ -135,6 +135,7 @@ class Emitter:
     def push(self, rows: list[list[int]]) -> None:
         """Appends each unfinished row's tokens, stopping at EOS or after max_new_tokens."""
         before = len(self.tokens[0])
+        finished = sum(self.done)
         for r, toks in enumerate(rows):
             if self.done[r]:
                 continue
@@ -145,7 +146,8 @@ class Emitter:
                     break
         if self.streamer is not None and len(self.tokens[0]) > before:
             self.streamer.put(torch.tensor(self.tokens[0][before:], dtype=torch.long))
-        self.done_t = torch.tensor(self.done, device=self.done_t.device)
+        if sum(self.done) != finished:  # a host-to-device copy (a sync on CUDA) only when a row finishes
+            self.done_t = torch.tensor(self.done, device=self.done_t.device)
 
     @property
     def finished(self) -> bool:
