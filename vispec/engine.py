@@ -190,14 +190,14 @@ class Decoding:
         verified = self.sampler.verify(logits, DraftTree(dt.tokens.to(on), dt.parents.to(on), dt.depth),
                                        min(self.tree.depth, n - 1))
         path, alen, bonus = (t.to(done.device) for t in verified)
-        h = h.to(done.device)
         alen = alen.masked_fill(done, 0)  # finished rows keep their cache length
         self.cache.compact_(path, alen, active=~done)
         clock.lap("verify")
         # Accepted tokens then the bonus, per row: the first alen + 1 are valid.
         acc = torch.gather(dt.tokens, 1, path[:, 1:].clamp(min=0))
         out = torch.cat([acc, acc[:, :1]], 1).scatter_(1, alen.unsqueeze(1), bonus.unsqueeze(1))
-        feats = torch.gather(h, 1, path.clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        idx = path.to(h.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        feats = torch.gather(h, 1, idx).to(done.device)  # only the accepted rows move to the drafter's device
         self.drafter.extend(out, feats, torch.where(done, 0, alen + 1))
         return out, alen
 
