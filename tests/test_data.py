@@ -162,3 +162,48 @@ def test_generate_qwen_vl_shards(tmp_path, dataset):
         h = model.model(input_ids=ref[None], pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
                         mm_token_type_ids=mm, attention_mask=torch.ones_like(ref[None])).last_hidden_state[0]
     torch.testing.assert_close(rec["hidden"].float(), h, atol=2e-2, rtol=2e-2)
+
+
+class Gemma3ShimProcessor(QwenShimProcessor):
+    """Stands in for Gemma3Processor: <boi> + 4 image tokens + <eoi>, token_type_ids 1 on image tokens."""
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        import tiny_models as T
+
+        rows = []
+        for t in text:
+            ids = torch.tensor(self.tokenizer(t.replace(self.image_token, "").split(), is_split_into_words=True)["input_ids"])
+            if images:
+                ids = torch.cat([torch.tensor([T.BOI]), torch.full((4,), T.IMAGE_TOKEN), torch.tensor([T.EOI]), ids])
+            rows.append(ids)
+        out = T.pad_rows(rows, "left")
+        out["token_type_ids"] = (out["input_ids"] == T.IMAGE_TOKEN).long()
+        if images:
+            seeds = [int(np.asarray(im).astype(np.int64).sum()) % 2**31 for im in images]
+            out["pixel_values"] = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(sd))
+                                               for sd in seeds])
+        return BatchFeature(out)
+
+
+def test_generate_gemma3_shards_keep_the_bidirectional_image_mask(tmp_path, dataset):
+    """Gemma-3's image tokens attend to each other both ways (token_type_ids): the stored forward must too."""
+    import tiny_models as T
+
+    path, images = dataset
+    model, proc = T.gemma3(), Gemma3ShimProcessor()
+    samples = load_samples(path)[:2]
+    out = tmp_path / "shards"
+    generate_shards(model, proc, samples, out, images, suffix="t2", max_new_tokens=6, batch_size=2, progress=False)
+    ds = ShardDataset(out)
+    img = Image.open(images / samples[0].image).convert("RGB")
+    inp = proc(text=[f"{proc.image_token}\n{samples[0].instruction} t2"], images=[img])
+    ref = model.generate(**inp, max_new_tokens=6, do_sample=False)[0]
+    rec = next(ds[i] for i in range(2) if ds[i]["id"] == samples[0].id)
+    assert torch.equal(rec["input_ids"], ref)
+    with torch.no_grad():
+        h = model.model(input_ids=ref[None], pixel_values=inp["pixel_values"],
+                        token_type_ids=(ref[None] == T.IMAGE_TOKEN).long(),
+                        attention_mask=torch.ones_like(ref[None])).last_hidden_state[0]
+    torch.testing.assert_close(rec["hidden"].float(), h, atol=2e-2, rtol=2e-2)

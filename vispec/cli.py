@@ -242,6 +242,7 @@ def _generate(args) -> int:
 
     from .data import chat_prompt
     from .drafters import CONFIG_NAME, TreeConfig, load_drafter
+    from .models import adapter_for
 
     if args.model != "demo" and not (Path(args.model) / "config.json").is_file():
         return _fail("generate", f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory, or `demo`)")
@@ -265,7 +266,8 @@ def _generate(args) -> int:
     text = chat_prompt(processor, args.prompt, len(images))
     kw = {"images": images} if images else {}
     inputs = processor(text=[text], return_tensors="pt", **kw)
-    inputs.pop("token_type_ids", None)
+    if "token_type_ids" not in adapter_for(model).inputs:  # tokenizers return it; only Gemma-3 takes it
+        inputs.pop("token_type_ids", None)
     inputs = inputs.to(model.device)
     tokenizer = getattr(processor, "tokenizer", processor)
     tree = TreeConfig(*args.tree) if args.tree else None

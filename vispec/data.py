@@ -196,7 +196,8 @@ def generate_shards(
             texts = [build_prompt(processor, s, suffix, im is not None) for s, im in group]
             kw = {"images": [im for _, im in group]} if group[0][1] is not None else {}
             inputs = processor(text=texts, padding=True, return_tensors="pt", **kw).to(model.device)
-            inputs.pop("token_type_ids", None)
+            if "token_type_ids" not in adapter.inputs:  # tokenizers return it; only Gemma-3 takes it
+                inputs.pop("token_type_ids", None)
             gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
             if temperature > 0:
                 gen_kw["temperature"] = temperature
@@ -222,7 +223,9 @@ def generate_shards(
             for k in adapter.token_inputs & set(model_inputs):  # per-token inputs: answer tokens are text
                 model_inputs[k] = torch.cat([model_inputs[k], torch.zeros_like(seqs[:, p:]).to(model_inputs[k].dtype)], 1)
             pos, _ = adapter.positions(seqs, full_mask, model_inputs)
-            hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos).last_hidden_state
+            per_token = {k: model_inputs[k] for k in adapter.token_inputs if k in model_inputs}  # e.g. Gemma-3's mask
+            hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos,
+                                  **per_token).last_hidden_state
             for r, (s, _) in enumerate(group):
                 keep = full_mask[r].bool()
                 ids = seqs[r][keep]
