@@ -99,6 +99,25 @@ def test_q_as_the_attention_modules_transposed_view(device):
         ops.tree_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, lens, mask)  # same shape, D strided
 
 
+@pytest.mark.parametrize("prefix", [40, 4100])
+def test_nan_keys_poison_the_rows_that_see_them_and_no_others(device, prefix):
+    """A NaN key: every row that sees it gets 0 (lse -inf), whatever the split count; a row that does not see it
+    (another batch row, or a tree node it is no ancestor of) is unaffected."""
+    gen = torch.Generator().manual_seed(prefix)
+    n = 6
+    q, k, v, lens, mask = make_inputs(2, n, 4, 2, 64, [prefix, 12], torch.float32, device, gen)
+    clean_out = ops.tree_attention(q, k, v, lens, mask)
+    k = k.clone()
+    k[0, :, 0] = float("nan")  # the oldest prefix key of row 0: seen by all its nodes
+    last = int(lens[1]) + n - 1
+    k[1, :, last] = float("nan")  # row 1's last tree node: seen by that node alone (a leaf)
+    out, lse = ops.tree_attention(q, k, v, lens, mask, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    sees = mask[1 if mask.shape[0] > 1 else 0][:, n - 1].cpu()  # nodes of row 1 that see node n-1
+    assert torch.all(out[1][sees] == 0)
+    torch.testing.assert_close(out[1][~sees], clean_out[1][~sees])
+
+
 @pytest.mark.parametrize("shared_mask", [True, False])
 def test_arbitrary_masks_and_sharing(device, shared_mask):
     gen = torch.Generator().manual_seed(7)

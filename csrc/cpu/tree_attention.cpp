@@ -44,7 +44,8 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor ov = out.view({B, N, Hkv, G, D}).permute({0, 2, 1, 3, 4});
   at::Tensor lv = lse.numel() > 0 ? lse.view({B, N, Hkv, G}).permute({0, 2, 1, 3}) : at::Tensor();
   const int64_t tile = tile_keys(Hkv * R);
-  at::Tensor bias = at::empty({R, N}, q.options().dtype(at::kFloat));  // the tree mask as 0 / -inf
+  // Tree keys a row must not see (masked_fill, not adding -inf: a hidden key's NaN must not reach the row).
+  at::Tensor hidden = at::empty({R, N}, q.options().dtype(at::kBool));
   at::Tensor first_key = at::empty({R}, q.options().dtype(at::kLong));  // window: each row's first visible key
 
   for (int64_t b = 0; b < B; ++b) {
@@ -55,7 +56,7 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
     at::Tensor m = at::full({Hkv, R, 1}, neg_inf, qf.options());
     at::Tensor l = at::zeros({Hkv, R, 1}, qf.options());
     const uint32_t* mrow = mask + b * mask_bstride;
-    float* bp = bias.data_ptr<float>();
+    bool* bp = hidden.data_ptr<bool>();
     int64_t* fk = first_key.data_ptr<int64_t>();
     int64_t lo_min = L, lo_max = 0;  // range of the rows' first visible prefix keys
     for (int64_t r = 0; r < R; ++r) {
@@ -63,7 +64,7 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
       int64_t bits = 0;
       for (int64_t j = 0; j < N; ++j) {
         const bool on = (mrow[n * W + j / 32] >> (j % 32)) & 1u;
-        bp[r * N + j] = on ? 0.f : neg_inf;
+        bp[r * N + j] = !on;
         bits += on;
       }
       fk[r] = window > 0 ? std::clamp<int64_t>(L + (bits - 1) - window + 1, 0, L) : 0;
@@ -82,7 +83,7 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
       }
       if (t0 + nt > L) {  // this tile holds tree positions: apply the mask there only
         const int64_t c0 = std::max<int64_t>(0, L - t0);  // first tree column of the tile
-        s.narrow(2, c0, nt - c0).add_(bias.narrow(1, t0 + c0 - L, nt - c0));
+        s.narrow(2, c0, nt - c0).masked_fill_(hidden.narrow(1, t0 + c0 - L, nt - c0), neg_inf);
       }
       const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(2, /*keepdim=*/true)));
       // Rows with nothing visible yet keep max -inf; shift them by 0 so exp gives 0, not NaN.

@@ -273,6 +273,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         visible = visible && ((bits >> lane) & 1u);
       }
       const float sc = visible ? s[r] : -INFINITY;
+      // A visible NaN score poisons the row (output 0, lse -inf, as on the CPU) on every split count:
+      // fmaxf would skip it while the running max is still -inf.
+      const bool nan_seen = __any_sync(0xffffffffu, isnan(sc));
       const float m_new = fmaxf(m[r], detail::warp_max(sc));
       float alpha = 1.0f;
       float pj = 0.0f;
@@ -281,7 +284,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         pj = exp2f(sc - m_new);       // invisible -> 0
       }
       m[r] = m_new;
-      l[r] = l[r] * alpha + pj;  // per-lane partial sum, reduced once at the end
+      l[r] = nan_seen ? __int_as_float(0x7fc00000) : l[r] * alpha + pj;  // per-lane partial sum, reduced at the end
 #pragma unroll
       for (int i = 0; i < kDPL; ++i) acc[r][i] *= alpha;
       ps[(warp * kRowsPerWarp + r) * kTK + lane] = pj;
