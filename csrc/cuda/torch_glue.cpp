@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   p.path_width = max_accept + 1;
   p.temperature = static_cast<float>(temperature);
   p.top_k = top_k;
-  p.top_p = static_cast<float>(top_p);
+  p.top_p = top_p;
   p.dtype = to_dtype(target_logits.scalar_type(), "vispec.verify_sampling");
   C10_CUDA_CHECK(cuda::verify_sampling(p, current_stream()));
   return {accept_path, accept_len, bonus};

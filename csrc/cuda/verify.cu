@@ -256,7 +256,7 @@ __device__ uint32_t block_threshold_search(const T* row, int64_t V, uint32_t lo,
 }
 
 template <typename T>
-__device__ NodeDist node_distribution(const T* row, int64_t V, float temperature, int64_t top_k, float top_p,
+__device__ NodeDist node_distribution(const T* row, int64_t V, float temperature, int64_t top_k, double top_p,
                                       SampleSmem& sm) {
   NodeDist d;
   uint32_t kmax = 0u;
@@ -286,7 +286,7 @@ __device__ NodeDist node_distribution(const T* row, int64_t V, float temperature
         },
         [&](unsigned cnt, unsigned) { return static_cast<int64_t>(cnt) < top_k; }, sm.uscratch);
   }
-  if (top_p < 1.0f) {
+  if (top_p < 1.0) {
     // Within the top-k set: kept <=> mass{y kept : s_y > s_x} < top_p (mass normalised
     // over the top-k set, i.e. compared with top_p * Z_k; total = Z_k).
     const uint32_t tk = t;
@@ -297,7 +297,8 @@ __device__ NodeDist node_distribution(const T* row, int64_t V, float temperature
           key = float_to_key(s);
           return key >= tk ? expf(s - max_s) : 0.0f;
         },
-        [&](float mass, float z_k) { return mass < top_p * z_k; }, sm.fscratch);
+        [&](float mass, float z_k) { return static_cast<double>(mass) < top_p * static_cast<double>(z_k); },
+        sm.fscratch);
   }
   d.thresh = t;
   float z = 0.0f;

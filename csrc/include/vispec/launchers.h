@@ -103,7 +103,7 @@ struct VerifySamplingParams {
   int64_t batch, n_tree, vocab, path_width;
   float temperature;           // > 0
   int64_t top_k;               // <= 0 or >= vocab: off
-  float top_p;                 // (0, 1]; 1: off
+  double top_p;                // (0, 1]; 1: off. Double: a float would round 1 - 2^-26 up to 1 and drop top-p
   DType dtype;
 };
 cudaError_t verify_sampling(const VerifySamplingParams& p, cudaStream_t stream);
