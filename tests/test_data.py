@@ -118,6 +118,19 @@ class QwenShimProcessor:
 
         self.tokenizer = tiny_tokenizer()
 
+    type_key = "mm_token_type_ids"
+
+    def image_tokens(self):
+        import tiny_models as T
+
+        return torch.cat([torch.tensor([T.VISION_START]), torch.full((T.QWEN_IMAGE_TOKENS,), T.IMAGE_TOKEN)])
+
+    def pixels(self, generators):
+        import tiny_models as T
+
+        return {"pixel_values": torch.cat([torch.randn(24, 3 * 2 * 4 * 4, generator=g) for g in generators]),
+                "image_grid_thw": torch.tensor([T.QWEN_GRID] * len(generators))}
+
     def __call__(self, text, images=None, padding=True, return_tensors="pt"):
         from transformers import BatchFeature
 
@@ -125,18 +138,13 @@ class QwenShimProcessor:
 
         rows = []
         for t in text:
-            words = self.tokenizer(t.replace(self.image_token, "").split(), is_split_into_words=True)["input_ids"]
-            ids = torch.tensor(words)
-            if images:
-                ids = torch.cat([torch.tensor([T.VISION_START]), torch.full((T.QWEN_IMAGE_TOKENS,), T.IMAGE_TOKEN), ids])
-            rows.append(ids)
+            ids = torch.tensor(self.tokenizer(t.replace(self.image_token, "").split(), is_split_into_words=True)["input_ids"])
+            rows.append(torch.cat([self.image_tokens(), ids]) if images else ids)
         out = T.pad_rows(rows, "left")
-        out["mm_token_type_ids"] = (out["input_ids"] == T.IMAGE_TOKEN).long()
+        out[self.type_key] = (out["input_ids"] == T.IMAGE_TOKEN).long()
         if images:  # pixels derived from each image's content, so one image always gives the same patches
-            seeds = [int(np.asarray(im).astype(np.int64).sum()) % 2**31 for im in images]
-            out["pixel_values"] = torch.cat([torch.randn(24, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(sd))
-                                             for sd in seeds])
-            out["image_grid_thw"] = torch.tensor([T.QWEN_GRID] * len(images))
+            out.update(self.pixels([torch.Generator().manual_seed(int(np.asarray(im).astype(np.int64).sum()) % 2**31)
+                                    for im in images]))
         return BatchFeature(out)
 
 
@@ -167,24 +175,15 @@ def test_generate_qwen_vl_shards(tmp_path, dataset):
 class Gemma3ShimProcessor(QwenShimProcessor):
     """Stands in for Gemma3Processor: <boi> + 4 image tokens + <eoi>, token_type_ids 1 on image tokens."""
 
-    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
-        from transformers import BatchFeature
+    type_key = "token_type_ids"
 
+    def image_tokens(self):
         import tiny_models as T
 
-        rows = []
-        for t in text:
-            ids = torch.tensor(self.tokenizer(t.replace(self.image_token, "").split(), is_split_into_words=True)["input_ids"])
-            if images:
-                ids = torch.cat([torch.tensor([T.BOI]), torch.full((4,), T.IMAGE_TOKEN), torch.tensor([T.EOI]), ids])
-            rows.append(ids)
-        out = T.pad_rows(rows, "left")
-        out["token_type_ids"] = (out["input_ids"] == T.IMAGE_TOKEN).long()
-        if images:
-            seeds = [int(np.asarray(im).astype(np.int64).sum()) % 2**31 for im in images]
-            out["pixel_values"] = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(sd))
-                                               for sd in seeds])
-        return BatchFeature(out)
+        return torch.cat([torch.tensor([T.BOI]), torch.full((4,), T.IMAGE_TOKEN), torch.tensor([T.EOI])])
+
+    def pixels(self, generators):
+        return {"pixel_values": torch.stack([torch.randn(3, 32, 32, generator=g) for g in generators])}
 
 
 def test_generate_gemma3_shards_keep_the_bidirectional_image_mask(tmp_path, dataset):
