@@ -89,7 +89,7 @@ def test_vispec_sequence_construction():
     # Text after image 2 sees image 2's global feature; text between images, image 1's.
     g2 = d.imadpt(inputs.inputs_embeds[0, 10:16])[-1]
     emb = d.shifted_embeds(inputs)
-    want = d.fuse(emb[0:1, 15:16], inputs.features[0:1, 15:16], g2.view(1, 1, -1))
+    want = d.fuse(emb[0:1, 15:16], inputs.features[0:1, 15:16], glob=g2.view(1, 1, -1))
     assert torch.allclose(x[0, 7], want[0, 0], atol=1e-6)
     assert torch.equal(d.state.glob[0], g2.detach()) or torch.allclose(d.state.glob[0], g2)
 

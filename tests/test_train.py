@@ -31,6 +31,9 @@ def corpus(tmp_path_factory):
     samples = load_samples(root / "data.json")
     generate_shards(model, proc, samples[:14], root / "shards", root / "img", suffix="t2", max_new_tokens=40,
                     batch_size=7, progress=False)
+    # The same answers with the states entering layers 0 and 1 (what EAGLE-3 heads read) stored too.
+    generate_shards(model, proc, samples[:14], root / "shards3", root / "img", suffix="t2", max_new_tokens=40,
+                    batch_size=7, progress=False, feature_layers=[0, 1])
     held = []
     for s in samples[14:]:
         img = Image.open(root / "img" / s.image).convert("RGB")
@@ -56,6 +59,29 @@ def test_training_raises_tau_and_stays_lossless(tmp_path, corpus, kind):
         assert torch.equal(vispec.generate(model, drafter, **inp, max_new_tokens=30, tree=TREE).sequences, ref)
     back = vispec.load_drafter(tmp_path / kind / "final", model)
     assert all(torch.equal(a, b) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["eagle", "vispec", "hivis"])
+def test_eagle3_training_raises_tau_and_stays_lossless(tmp_path, corpus, kind):
+    """EAGLE-3 heads (three... here two target layers, training-time test over 4 steps) learn from the shards'
+    aux_hidden; same budget as the EAGLE-2 test above."""
+    model, data, held = corpus
+    data3 = ShardDataset(data.index[0][0].parent.parent / "shards3")
+    assert data3.feature_layers == [0, 1] and data.feature_layers is None
+    r0 = data3[0]
+    assert r0["aux_hidden"].shape == (r0["input_ids"].shape[0], 2 * model.config.text_config.hidden_size)
+    drafter = vispec.drafters.DRAFTERS[kind].from_target(model, seed=0, generation=3, feature_layers=[0, 1])
+    before = evaluate_tau(model, drafter, held, 40, TREE)
+    cfg = TrainConfig(stage=1, epochs=16, lr=3e-3, warmup_steps=10, ttt_steps=4, log_every=1000)
+    train(model, drafter, data3, cfg, tmp_path / kind, progress=False)
+    after = evaluate_tau(model, drafter, held, 40, TREE)
+    assert after > before + 0.5, (kind, before, after)
+    for inp in held:
+        ref = model.generate(**inp, max_new_tokens=30, do_sample=False)
+        assert torch.equal(vispec.generate(model, drafter, **inp, max_new_tokens=30, tree=TREE).sequences, ref)
+    with pytest.raises(ValueError, match="holds no aux_hidden"):  # shards without the layers: refused up front
+        train(model, vispec.EagleDrafter.from_target(model, generation=3, feature_layers=[0, 1]), data, cfg,
+              tmp_path / "no-aux", progress=False)
 
 
 def test_resume_gives_the_uninterrupted_state(tmp_path, corpus):
@@ -98,6 +124,16 @@ def test_cli_train_stage1_then_stage2(tmp_path, corpus):
     d = vispec.load_drafter(tmp_path / "s2" / "final", model)
     s1 = vispec.load_drafter(tmp_path / "s1" / "final", model)
     assert type(d) is vispec.ViSpecDrafter and not torch.equal(d.fc.weight, s1.fc.weight)  # stage 2 trained on
+    # EAGLE-3 heads: the layers come from the shards; shards without them are refused before the model loads.
+    shards3 = str(data.index[0][0].parent.parent / "shards3")
+    common3 = [a if a != shard_dir else shards3 for a in common]
+    assert main(["train", *common3, "--drafter", "eagle", "--generation", "3", "--ttt-steps", "3",
+                 "--out", str(tmp_path / "e3")]) == 0
+    e3 = vispec.load_drafter(tmp_path / "e3" / "final", model)
+    assert e3.config.generation == 3 and e3.feature_layers == [0, 1]
+    assert main(["train", *common, "--drafter", "eagle", "--generation", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", *common3, "--drafter", "eagle", "--generation", "3", "--feature-layers", "1,0",
+                 "--out", str(tmp_path / "x")]) == 2
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, corpus):

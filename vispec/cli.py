@@ -47,7 +47,7 @@ def _data_generate(args) -> int:
     counts = generate_shards(
         model, processor, samples, args.out, images_root=args.images_root, suffix=args.suffix,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-        temperature=args.temperature,
+        temperature=args.temperature, feature_layers=_feature_layers(args.feature_layers, model),
     )
     print(f"{counts['written']} samples written, {counts['skipped']} skipped (see {args.out}/skipped.jsonl), "
           f"{counts['already_done']} already done")
@@ -62,17 +62,21 @@ def _train(args) -> int:
     from .train import TrainConfig, answer_vocab, train
 
     dataset = ShardDataset(args.data)  # fails before loading the model if there is no data
+    if args.generation == 3 and dataset.feature_layers is None:
+        return _fail("train", f"{args.data} holds no target layer states (aux_hidden), which an EAGLE-3 head reads: "
+                              "generate it with `vispec data generate --feature-layers eagle3`")
     model, processor = load_target(args.model, args.dtype, args.device)
     if args.init:
         drafter = load_drafter(args.init, model)
         if drafter.drafter_type() != args.drafter:
-            # Stage 2 from a stage-1 EAGLE head: same fc / layer weights, new adaptor (img_fc starts as identity).
-            fresh = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q)
-            missing = fresh.load_state_dict(drafter.state_dict(), strict=False)
-            print(f"initialised {args.drafter} from {args.init}; new parameters: {missing.missing_keys}")
-            drafter = fresh
+            # Stage 2 from a stage-1 EAGLE head: same base and weights, new adaptor (img_fc starts as identity).
+            drafter = DRAFTERS[args.drafter].from_drafter(drafter, model, seed=args.seed, num_q=args.num_q)
+            print(f"initialised {args.drafter} from {args.init}")
     else:
-        drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q)
+        extra = {}
+        if args.generation == 3:  # the layers default to those the shards hold
+            extra = dict(generation=3, feature_layers=_feature_layers(args.feature_layers, model) or dataset.feature_layers)
+        drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q, **extra)
         if args.draft_vocab:
             drafter.set_draft_vocab(answer_vocab(dataset, model, args.draft_vocab))
             print(f"draft vocabulary: the {drafter.config.draft_vocab_size} most frequent answer tokens")
@@ -88,14 +92,40 @@ def _train(args) -> int:
             inp = processor(text=[build_prompt(processor, s, args.suffix, bool(kw))], return_tensors="pt", **kw)
             inp.pop("token_type_ids", None)
             eval_inputs.append({k: v.to(model.device) for k, v in inp.items()})
+    if drafter.feature_layers is not None and drafter.feature_layers != dataset.feature_layers:
+        return _fail("train", f"the drafter reads the target's layers {drafter.feature_layers}, {args.data} holds "
+                              f"{dataset.feature_layers}")
     cfg = TrainConfig(stage=args.stage, epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps,
-                      batch_size=args.batch_size, grad_clip=args.grad_clip, passes=args.passes, noise=not args.no_noise,
+                      batch_size=args.batch_size, grad_clip=args.grad_clip, passes=args.passes,
+                      noise=False if args.no_noise else None, ttt_steps=args.ttt_steps,
                       seed=args.seed, mixed_precision=args.mixed_precision)
     res = train(model, drafter, dataset, cfg, args.out, eval_inputs=eval_inputs, eval_tokens=args.eval_tokens,
                 tree=TreeConfig(*args.tree), resume=not args.no_resume)
     taus = ", ".join(f"epoch {e}: {t:.2f}" for e, t in res["tau_history"]) or "no held-out evaluation"
     print(f"{res['steps']} steps, last loss {res['last_loss']}; held-out tau {taus}; drafter in {args.out}/final")
     return 0
+
+
+def _feature_layers(spec: str | None, model) -> list[int] | None:
+    """``--feature-layers``: "eagle3" (EAGLE-3's choice for this target), "2,15,27", or None."""
+    from .drafters.eagle import eagle3_layers
+
+    if not spec:
+        return None
+    n = model.config.get_text_config().num_hidden_layers
+    layers = eagle3_layers(n) if spec == "eagle3" else [int(x) for x in spec.split(",")]
+    if any(not 0 <= i < n for i in layers):
+        raise SystemExit(f"vispec: --feature-layers {spec}: the target has decoder layers 0..{n - 1}")
+    return layers
+
+
+def _layers_arg(spec: str) -> str:
+    """argparse check of --feature-layers' form (the range is checked against the model once loaded)."""
+    import argparse
+
+    if spec != "eagle3" and not all(x.strip().isdigit() for x in spec.split(",")):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected `eagle3` or comma-separated layer indices such as 2,15,27")
+    return spec
 
 
 def _fail(command: str, message: str) -> int:
@@ -322,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    g.add_argument("--feature-layers", default=None, type=_layers_arg,
+                   help="also store the hidden states entering these target layers (EAGLE-3 heads read them): "
+                        "`eagle3` for EAGLE-3's choice, or e.g. 2,15,27")
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--device", default=None)
     g.set_defaults(func=_data_generate)
@@ -338,7 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch")
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--grad-clip", type=float, default=0.5)
-    t.add_argument("--passes", type=int, default=2, help="1 + number of self-correction passes")
+    t.add_argument("--generation", type=int, choices=[2, 3], default=2,
+                   help="drafter head: 2 = EAGLE-2 (last hidden state), 3 = EAGLE-3 (three target layers fused)")
+    t.add_argument("--feature-layers", default=None, type=_layers_arg,
+                   help="EAGLE-3: target layers read, e.g. 2,15,27 (default: those the shards hold)")
+    t.add_argument("--passes", type=int, default=None,
+                   help="1 + number of self-correction passes (default: 2 for EAGLE-2 heads, 1 for EAGLE-3)")
+    t.add_argument("--ttt-steps", type=int, default=None,
+                   help="training-time test unroll (default: 7 for EAGLE-3 heads, 1 for EAGLE-2)")
     t.add_argument("--no-noise", action="store_true", help="no EAGLE feature noise")
     t.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image")
     t.add_argument("--draft-vocab", type=int, default=0,
@@ -361,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    for name in ("max_new_tokens", "batch_size", "shard_size", "epochs", "passes", "eval_tokens"):
+    for name in ("max_new_tokens", "batch_size", "shard_size", "epochs", "passes", "ttt_steps", "eval_tokens"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"vispec: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2

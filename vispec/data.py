@@ -10,6 +10,9 @@ shards (safetensors) holding, per sample:
     loss_mask    (L,)      uint8   1 on generated tokens
     image_mask   (L,)      uint8   1 at image / video positions
     hidden       (L, H)    bf16    the target's last hidden states (after the final norm)
+    aux_hidden   (L, n*H)  bf16    with ``feature_layers``: the hidden states entering those n
+                                   decoder layers, concatenated (what EAGLE-3 drafters read;
+                                   the layers are in each shard's metadata)
     image_embeds (n, H)    bf16    the input embeddings at image positions (projected vision
                                    features); text embeddings come back from input_ids
 
@@ -103,9 +106,31 @@ def chat_prompt(processor, text: str, n_images: int = 0) -> str:
     return "".join(f"{token}\n" for _ in range(n_images)) + text
 
 
+def shard_layers(out_dir) -> list[list[int] | None]:
+    """The distinct ``feature_layers`` the complete shards of ``out_dir`` were written with."""
+    from safetensors import safe_open
+
+    seen = []
+    for shard in sorted(Path(out_dir).glob(SHARD_GLOB)):
+        with safe_open(str(shard), "pt") as f:
+            layers = json.loads(f.metadata().get("feature_layers", "null"))
+        if layers not in seen:
+            seen.append(layers)
+    return seen
+
+
+def check_layers(out_dir, feature_layers) -> None:
+    """Resuming into a directory written with other feature layers would mix two layouts: refused."""
+    for layers in shard_layers(out_dir):
+        if layers != feature_layers:
+            raise ValueError(f"{out_dir} holds shards written with feature_layers={layers}, not {feature_layers}: "
+                             "use another --out (or the same layers) so that every sample has the same layout")
+
+
 class _ShardWriter:
-    def __init__(self, out_dir: Path, shard_size: int):
+    def __init__(self, out_dir: Path, shard_size: int, metadata: dict | None = None):
         self.out_dir, self.shard_size = out_dir, shard_size
+        self.metadata = metadata or {}
         self.tensors, self.ids = {}, []
         existing = sorted(out_dir.glob(SHARD_GLOB))
         self.next_index = 1 + max((int(p.stem.split("-")[1]) for p in existing), default=-1)
@@ -125,7 +150,8 @@ class _ShardWriter:
 
         final = self.out_dir / f"shard-{self.next_index:05d}.safetensors"
         tmp = final.with_suffix(".tmp")
-        save_file(self.tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "count": str(len(self.ids))})
+        save_file(self.tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "count": str(len(self.ids)),
+                                                   **self.metadata})
         os.replace(tmp, final)  # atomic: a shard is either complete or absent
         self.next_index += 1
         self.tensors, self.ids = {}, []
@@ -144,8 +170,10 @@ def generate_shards(
     shard_size: int = 64,
     temperature: float = 0.0,
     progress: bool = True,
+    feature_layers: list[int] | None = None,
 ) -> dict:
     """Generates and stores the training data of ``samples`` (resumes what ``out_dir`` already holds).
+    ``feature_layers`` also stores those layers' input hidden states (``aux_hidden``, EAGLE-3).
 
     Returns counts: {"written", "skipped", "already_done"}.
     """
@@ -157,7 +185,9 @@ def generate_shards(
         tmp.unlink()  # a shard interrupted while being written
     done = done_ids(out_dir) | skipped_ids(out_dir)
     todo = [s for s in samples if s.id not in done]
-    writer = _ShardWriter(out_dir, shard_size)
+    feature_layers = list(feature_layers) if feature_layers else None
+    check_layers(out_dir, feature_layers)
+    writer = _ShardWriter(out_dir, shard_size, {"feature_layers": json.dumps(feature_layers)})
     root = Path(images_root) if images_root is not None else None
     adapter = adapter_for(model)
     image_ids = adapter.image_token_ids()
@@ -224,8 +254,10 @@ def generate_shards(
                 model_inputs[k] = torch.cat([model_inputs[k], torch.zeros_like(seqs[:, p:]).to(model_inputs[k].dtype)], 1)
             pos, _ = adapter.positions(seqs, full_mask, model_inputs)
             per_token = {k: model_inputs[k] for k in adapter.token_inputs if k in model_inputs}  # e.g. Gemma-3's mask
-            hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos,
-                                  **per_token).last_hidden_state
+            with adapter.capture_layers(feature_layers) as cap:
+                hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos,
+                                      **per_token).last_hidden_state
+            aux = None if cap is None else cap.features()
             for r, (s, _) in enumerate(group):
                 keep = full_mask[r].bool()
                 ids = seqs[r][keep]
@@ -240,6 +272,7 @@ def generate_shards(
                     "image_mask": img_mask.to(torch.uint8),
                     "hidden": hidden[r][keep].to(torch.bfloat16),
                     "image_embeds": emb[r][keep][img_mask.to(emb.device)].to(torch.bfloat16),
+                    **({} if aux is None else {"aux_hidden": aux[r][keep.to(aux.device)].to(torch.bfloat16)}),
                 })
                 counts["written"] += 1
                 bar.update(1)
@@ -268,6 +301,11 @@ class ShardDataset(torch.utils.data.Dataset):
             with safe_open(str(shard), "pt") as f:
                 ids = json.loads(f.metadata()["ids"])
             self.index += [(shard, k, sid) for k, sid in enumerate(ids)]
+        layers = shard_layers(data_dir)
+        if len(layers) > 1:
+            raise ValueError(f"{data_dir} mixes shards written with different feature_layers: {layers}")
+        # The target layers whose input hidden states the samples hold as ``aux_hidden`` (None: none).
+        self.feature_layers = layers[0]
 
     def __len__(self):
         return len(self.index)

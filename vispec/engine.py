@@ -173,6 +173,7 @@ class Decoding:
     tree: TreeConfig
     cache: TreeCache
     state: object  # the adapter's per-request state (Prefill.state)
+    feature_layers: list[int] | None = None  # the target layers the drafter reads (None: the last hidden state)
 
     def step(self, done: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafts, verifies and commits one tree per row. Returns (tokens (B, depth + 1): the accepted
@@ -184,7 +185,9 @@ class Decoding:
         mask = ops.pack_tree_mask(ops.tree_mask_from_parents(dt.parents))
         pos = self.adapter.tree_positions(self.state, self.cache.lens, dt.depth)
         clock.lap("draft")
-        h = self.adapter.tree_forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
+        with self.adapter.capture_layers(self.feature_layers) as cap:
+            h = self.adapter.tree_forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
+        f = h if cap is None else cap.features()  # what the drafter reads: last or (EAGLE-3) captured states
         logits = self.adapter.logits(h)  # (B, N, V): on the head's device (a model spread over devices)
         on = logits.device
         verified = self.sampler.verify(logits, DraftTree(dt.tokens.to(on), dt.parents.to(on), dt.depth),
@@ -196,8 +199,8 @@ class Decoding:
         # Accepted tokens then the bonus, per row: the first alen + 1 are valid.
         acc = torch.gather(dt.tokens, 1, path[:, 1:].clamp(min=0))
         out = torch.cat([acc, acc[:, :1]], 1).scatter_(1, alen.unsqueeze(1), bonus.unsqueeze(1))
-        idx = path.to(h.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        feats = torch.gather(h, 1, idx).to(done.device)  # only the accepted rows move to the drafter's device
+        idx = path.to(f.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, f.shape[-1])
+        feats = torch.gather(f, 1, idx).to(done.device)  # only the accepted rows move to the drafter's device
         self.drafter.extend(out, feats, torch.where(done, 0, alen + 1))
         return out, alen
 
@@ -254,8 +257,11 @@ def generate(
     device = req.lp_ids.device
     clock = Clock(stats, device, profile)
     cache = TreeCache(adapter.num_layers, b, p + req.max_new_tokens + req.tree.num_nodes + 1, device)
+    layers = getattr(drafter, "feature_layers", None)
     with adapter.tree_attention():
-        pre = adapter.prefill(req.lp_ids, req.lp_mask, req.model_inputs, cache)
+        with adapter.capture_layers(layers) as cap:
+            pre = adapter.prefill(req.lp_ids, req.lp_mask, req.model_inputs, cache)
+        features = pre.hidden if cap is None else cap.features()
         first = req.sampler.first(adapter.logits(pre.hidden[:, -1])).to(device)
         lengths = req.lp_mask.sum(1)
         pad_left = p - lengths
@@ -266,7 +272,7 @@ def generate(
         drafter.prefill(PrefillInputs(
             input_ids=left_align(req.lp_ids, pad_left),
             inputs_embeds=left_align(pre.inputs_embeds.to(device), pad_left),
-            features=left_align(pre.hidden.to(device), pad_left),
+            features=left_align(features.to(device), pad_left),
             lengths=lengths,
             next_tokens=first,
             image_mask=None if image_mask is None else left_align(image_mask, pad_left),
@@ -277,7 +283,7 @@ def generate(
         if streamer is not None:
             streamer.put(req.input_ids.cpu())
         emitter.push([[t] for t in first.tolist()])
-        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state)
+        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state, layers)
         while not emitter.finished:
             tokens, alen = dec.step(emitter.done_t, clock)
             rows = torch.cat([tokens, alen.unsqueeze(1)], 1).tolist()  # the step's one host read

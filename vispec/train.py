@@ -17,7 +17,15 @@ on the positions whose next token is part of the generated answer. EAGLE feature
 noise (U - 0.5) * 0.2 * 512 / seq_len is added to the input features. The
 self-correction passes (``passes`` > 1) rerun the sequence with the drafter's own
 predicted features, shifted right by one, in place of the target's (f_0 kept), and
-add their losses; gradients flow through all passes. AdamW (0.9, 0.95), linear
+add their losses; gradients flow through all passes.
+
+EAGLE-3 heads (generation 3) have no feature to regress: stage 1 is the soft CE alone,
+and they train with EAGLE-3's **training-time test** instead of self-correction passes:
+the drafter is unrolled ``ttt_steps`` (7) times on its own outputs
+(:meth:`EagleDrafter.forward_sequence`), step j scored against the target's
+distribution j tokens further on with weight 0.8^j; with a draft vocabulary, positions
+where the target's choice lies outside it are left out (EAGLE-3's position mask). Stage
+2's L1 + ListMLE apply per step the same way. No feature noise (EAGLE-3 adds none). AdamW (0.9, 0.95), linear
 warmup then linear decay, gradient clipping, bf16 autocast on GPUs; one device or
 several through ``accelerate launch`` / torchrun (DDP via accelerate).
 """
@@ -38,6 +46,13 @@ from .drafters.base import PrefillInputs
 STAGES = {
     1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0),
     2: dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1),
+}
+# EAGLE-3 heads: what differs from the table above (no feature regression: their output is no target feature).
+EAGLE3_STAGES = {1: dict(w_feature=0.0, w_ce=1.0)}
+# Per drafter generation: the defaults of the options left None in TrainConfig.
+GENERATION_DEFAULTS = {
+    2: dict(passes=2, ttt_steps=1, noise=True),
+    3: dict(passes=1, ttt_steps=7, noise=False),
 }
 RANK_TOP = 10  # ListMLE ranks the target's 10 most likely tokens (ViSpec)
 
@@ -60,8 +75,10 @@ class TrainConfig:
     batch_size: int = 1
     grad_clip: float = 0.5
     weight_decay: float = 0.0
-    passes: int = 2  # 1 = no self-correction pass
-    noise: bool = True
+    passes: int | None = None  # 1 = no self-correction pass; None: the generation's default
+    noise: bool | None = None
+    ttt_steps: int | None = None  # training-time test unroll (EAGLE-3: 7); 1 = teacher forcing only
+    ttt_decay: float = 0.8  # weight of unroll step j: ttt_decay ** j
     w_feature: float | None = None
     w_ce: float | None = None
     w_l1: float | None = None
@@ -70,9 +87,27 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU
     log_every: int = 10
 
-    def weights(self):
-        base = STAGES[self.stage]
-        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
+    def weights(self, generation: int = 2):
+        base = {**STAGES[self.stage], **(EAGLE3_STAGES.get(self.stage, {}) if generation == 3 else {})}
+        w = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
+        if generation == 3 and w["w_feature"]:
+            raise ValueError("an EAGLE-3 head's output is not a target feature: w_feature must be 0")
+        return w
+
+    def options(self, generation: int = 2) -> dict:
+        """passes / ttt_steps / noise for a drafter of ``generation`` (None: that generation's default)."""
+        opts = {k: (getattr(self, k) if getattr(self, k) is not None else v)
+                for k, v in GENERATION_DEFAULTS[generation].items()}
+        for k in ("passes", "ttt_steps"):
+            if not isinstance(opts[k], int) or opts[k] < 1:
+                raise ValueError(f"TrainConfig.{k} must be an int >= 1, got {opts[k]!r}")
+        if generation == 3 and opts["passes"] > 1:
+            raise ValueError("self-correction passes feed the drafter's outputs back as target features, which an "
+                             "EAGLE-3 head does not read (it fuses three layers): use ttt_steps")
+        if opts["passes"] > 1 and opts["ttt_steps"] > 1:
+            raise ValueError("self-correction passes and the training-time test are two ways of feeding the drafter "
+                             "its own outputs: set passes=1 or ttt_steps=1")
+        return opts
 
 
 def answer_vocab(dataset, model, size: int) -> list[int]:
@@ -85,15 +120,23 @@ def answer_vocab(dataset, model, size: int) -> list[int]:
     return EagleDrafter.frequent_tokens(answers, size, always=eos_list(model.generation_config.eos_token_id))
 
 
-def sample_to_inputs(rec: dict, embed) -> tuple[PrefillInputs, dict]:
+def sample_to_inputs(rec: dict, embed, feature_layers: list[int] | None = None) -> tuple[PrefillInputs, dict]:
     """A stored sample as the drafter's prefill view of the whole sequence, plus the training targets.
 
     Drafter position i pairs f_i with token i+1's embedding (i < L-1) and is scored against f_{i+1}.
+    With ``feature_layers`` (EAGLE-3) the drafter reads the stored ``aux_hidden`` instead of f.
     """
     ids = rec["input_ids"].long()
     n = ids.shape[0]
     dtype = embed.weight.dtype  # the drafter runs in the target's dtype; hidden states were stored in bf16
     hidden = rec["hidden"].to(dtype)
+    feats = hidden
+    if feature_layers:
+        if "aux_hidden" not in rec:
+            raise ValueError(f"sample {rec.get('id', '?')!r} holds no aux_hidden: the drafter reads the target's "
+                             f"layers {feature_layers}; generate its data with --feature-layers "
+                             f"{','.join(map(str, feature_layers))}")
+        feats = rec["aux_hidden"].to(dtype)
     emb = embed(ids.to(embed.weight.device))
     img = rec["image_mask"].bool()
     if img.any():
@@ -103,12 +146,13 @@ def sample_to_inputs(rec: dict, embed) -> tuple[PrefillInputs, dict]:
     inputs = PrefillInputs(
         input_ids=ids[:-1].unsqueeze(0).to(dev),
         inputs_embeds=emb[:-1].unsqueeze(0),
-        features=hidden[:-1].unsqueeze(0).to(dev, emb.dtype),
+        features=feats[:-1].unsqueeze(0).to(dev, emb.dtype),
         lengths=torch.tensor([n - 1], device=dev),
         next_tokens=ids[-1:].to(dev),
         image_mask=img[:-1].unsqueeze(0).to(dev),
     )
-    targets = dict(next_features=hidden[1:].to(dev, emb.dtype), loss_mask=rec["loss_mask"][1:].bool().to(dev))
+    targets = dict(next_features=hidden[1:].to(dev, emb.dtype), loss_mask=rec["loss_mask"][1:].bool().to(dev),
+                   embeds=emb)
     return inputs, targets
 
 
@@ -116,49 +160,77 @@ def drafter_forward(drafter, inputs: PrefillInputs, features_override=None):
     """Teacher-forced drafter outputs over a prompt-like sequence: (hidden (T, H), original positions (T,))."""
     if features_override is not None:
         inputs = PrefillInputs(**{**inputs.__dict__, "features": features_override})
-    return drafter.forward_sequence(inputs)
+    hidden, pos = drafter.forward_sequence(inputs)
+    return hidden[0], pos
 
 
 def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
-    """Total loss of one sample over all passes, and its parts (floats) for logging.
+    """Total loss of one sample over all passes (or unroll steps), and its parts (floats) for logging.
 
-    Distributions are the target's lm_head over the drafter's vocabulary (``drafter.logits``):
-    the whole vocabulary, or the draft vocabulary with the target's renormalised over it."""
-    inputs, tg = sample_to_inputs(rec, embed)
-    w = cfg.weights()
+    Distributions are over the drafter's vocabulary: the whole vocabulary, or the draft vocabulary
+    with the target's (``drafter.target_logits``) renormalised over it."""
+    layers = getattr(drafter, "feature_layers", None)
+    inputs, tg = sample_to_inputs(rec, embed, layers)
+    gen = drafter.config.generation
+    w, opts = cfg.weights(gen), cfg.options(gen)
     feats = inputs.features
-    if cfg.noise:
+    if opts["noise"]:
         u = torch.rand(feats.shape, generator=generator, device="cpu").to(feats.device, feats.dtype)
         inputs = PrefillInputs(**{**inputs.__dict__, "features": feats + (u - 0.5) * 0.2 * 512 / feats.shape[1]})
+    answer = tg["loss_mask"]
     with torch.no_grad():
-        target_logp = torch.log_softmax(drafter.logits(tg["next_features"]).float(), -1)  # (L-1, V)
-    total, parts, override = 0.0, {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0}, None
-    for _ in range(max(cfg.passes, 1)):
-        hid, pos = drafter_forward(drafter, inputs, override)
-        mask = tg["loss_mask"][pos]
+        target_logp = torch.log_softmax(drafter.target_logits(tg["next_features"]).float(), -1)  # (L-1, V)
+        if gen == 3 and drafter.d2t is not None and bool(answer.any()):
+            # EAGLE-3's position mask: where the target's own choice is outside the draft vocabulary,
+            # no draft token can be right, so the position teaches nothing.
+            full = drafter.target_head(tg["next_features"][answer]).argmax(-1)
+            keep = torch.zeros_like(answer)
+            keep[answer] = torch.isin(full, drafter.d2t.to(full.device))
+            answer = keep
+    parts = {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0}
+
+    def losses(hid, pos, weight=1.0):
+        """The weighted losses of outputs hid (T, H) scored against the target at positions pos (T,)."""
+        ok = pos < target_logp.shape[0]
+        mask = ok & answer[pos.clamp(max=target_logp.shape[0] - 1)]
         if not bool(mask.any()):
-            break
-        pred = hid[mask]
-        tgt_f = tg["next_features"][pos[mask]]
-        tlp = target_logp[pos[mask]]
+            return None
+        pred, at = hid[mask], pos[mask]
+        tlp = target_logp[at]
         dlp = torch.log_softmax(drafter.logits(pred).float(), -1)
         tp = tlp.exp()
-        l_feat = F.smooth_l1_loss(pred.float(), tgt_f.float())
+        l_feat = F.smooth_l1_loss(pred.float(), tg["next_features"][at].float()) if w["w_feature"] else tp.new_zeros(())
         l_ce = -(tp * dlp).sum(-1).mean()
         l_l1 = (dlp.exp() - tp).abs().sum(-1).mean()
         l_rank = listmle(dlp, tlp) if w["w_rank"] else l_l1.new_zeros(())
-        total = total + w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1 + w["w_rank"] * l_rank
-        parts["feature"] += float(l_feat.detach())
-        parts["ce"] += float(l_ce.detach())
-        parts["l1"] += float(l_l1.detach())
-        parts["rank"] += float(l_rank.detach())
-        # Self-correction: the next pass reads the drafter's own predictions as features, shifted right
-        # by one (position i gets the prediction made at the position before it; f_0 stays the target's).
-        nxt = inputs.features.clone()
-        tgt_pos = pos + 1
-        ok = tgt_pos < nxt.shape[1]
-        nxt[0, tgt_pos[ok]] = hid[ok].to(nxt.dtype)
-        override = nxt
+        for k, v in (("feature", l_feat), ("ce", l_ce), ("l1", l_l1), ("rank", l_rank)):
+            parts[k] += weight * float(v.detach())
+        return weight * (w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1 + w["w_rank"] * l_rank)
+
+    total = 0.0
+    if opts["ttt_steps"] > 1:
+        hid, pos = drafter.forward_sequence(inputs, steps=opts["ttt_steps"], embeds=tg["embeds"])
+        for j in range(opts["ttt_steps"]):  # step j predicts j tokens further on
+            term = losses(hid[j], pos + j, cfg.ttt_decay**j)
+            if term is not None:
+                total = total + term
+    else:
+        override = None
+        for i in range(opts["passes"]):
+            hid, pos = drafter_forward(drafter, inputs, override)
+            term = losses(hid, pos)
+            if term is None:
+                break
+            total = total + term
+            if i + 1 == opts["passes"]:
+                break
+            # Self-correction: the next pass reads the drafter's own predictions as features, shifted right
+            # by one (position i gets the prediction made at the position before it; f_0 stays the target's).
+            nxt = inputs.features.clone()
+            tgt_pos = pos + 1
+            ok = tgt_pos < nxt.shape[1]
+            nxt[0, tgt_pos[ok]] = hid[ok].to(nxt.dtype)
+            override = nxt
     if not isinstance(total, torch.Tensor):
         # No answer position in this sample: a zero loss that still touches every parameter, so that under
         # DDP every rank runs a backward (a rank that skipped it would leave the others waiting).
@@ -219,6 +291,12 @@ def train(
     from transformers import get_linear_schedule_with_warmup
 
     out_dir = Path(out_dir)
+    layers = getattr(drafter, "feature_layers", None)
+    stored = getattr(dataset, "feature_layers", layers)  # a plain list of samples: checked per sample
+    if layers is not None and stored != layers:
+        raise ValueError(f"the drafter reads the target's layers {layers}; the dataset holds "
+                         f"{'no aux_hidden' if stored is None else f'layers {stored}'}")
+    cfg.weights(drafter.config.generation), cfg.options(drafter.config.generation)  # bad settings: refused now
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"

@@ -65,7 +65,8 @@ class PrefillInputs:
 
     input_ids: torch.Tensor  # (B, P) prompt tokens
     inputs_embeds: torch.Tensor  # (B, P, H) the target's input embeddings (image features at image positions)
-    features: torch.Tensor  # (B, P, H) the target's last hidden states (after the final norm)
+    features: torch.Tensor  # (B, P, H) the target's last hidden states (after the final norm), or (B, P, n * H)
+    # the inputs of the drafter's ``feature_layers``, concatenated
     lengths: torch.Tensor  # (B,) int64
     next_tokens: torch.Tensor  # (B,) the token generated after the prompt: the first tree root
     image_mask: torch.Tensor | None = None  # (B, P) bool: positions holding image (or video) features
@@ -77,6 +78,10 @@ class PrefillInputs:
 @runtime_checkable
 class Drafter(Protocol):
     """What the engine needs from a drafter (see the module docstring for the call order)."""
+
+    # The target hidden states the drafter reads, as indices of transformers' ``hidden_states`` (the
+    # inputs of those decoder layers, concatenated: EAGLE-3); None (or absent): the last hidden state.
+    feature_layers: list[int] | None
 
     def check_target(self, model) -> None:
         """Raises ValueError naming the mismatch if this drafter was not built for ``model``."""

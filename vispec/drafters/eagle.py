@@ -1,9 +1,22 @@
-"""EAGLE-2 style drafter: one decoder layer over [token embedding ; target feature].
+"""EAGLE-style drafters, in two generations (``DrafterConfig.generation``).
 
-The drafter shares the target's frozen input embeddings and lm_head (they are
-referenced, not owned: they are neither trained nor saved with the drafter). Its
-own parameters are ``fc`` (2H -> H) and one Llama-style decoder layer whose input
-layernorm is absent (as in EAGLE's first layer), with no final norm.
+Both share the target's frozen input embeddings (referenced, not owned: neither
+trained nor saved with the drafter) and read, at each position, the embedding e of
+the next token and a feature f; each has one decoder layer over a KV cache of its own.
+
+- **EAGLE-2** (generation 2; SafeAILab/EAGLE, ViSpec): f is the target's last hidden
+  state (after its final norm). Input ``fc([e ; f])`` (2H -> H) to a Llama decoder
+  layer without input layernorm (``layers.0.*``), no final norm; logits are the
+  target's own lm_head on the output.
+- **EAGLE-3** (generation 3; SafeAILab/EAGLE-3, SpecForge): f is ``fc`` (3H -> H, no
+  bias) of the target's hidden states at three layers (``feature_layers``: by default
+  the inputs of layers 2, L/2 and L-3, EAGLE-3's choice). The decoder layer
+  (``midlayer.*``) reads ``[input_layernorm(e) ; hidden_norm(f)]`` (2H into q/k/v),
+  its residual stream starts from f; then a final ``norm`` and an lm_head of the
+  drafter's own over its draft vocabulary (initialised from the target's rows).
+
+In draft steps both feed the layer's output at the parent back as the child's f (for
+EAGLE-3 without ``fc``: the output is already H wide).
 """
 from __future__ import annotations
 
@@ -20,6 +33,13 @@ from .base import DraftTree, PrefillInputs, TreeConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+GENERATIONS = (2, 3)
+
+
+def eagle3_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's default feature layers for a target of ``num_layers`` decoder layers: the inputs of layers
+    2, L // 2 and L - 3 (outputs of layers 1, L/2 - 1, L - 4), clamped into range for tiny targets."""
+    return [min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)]
 
 
 @dataclass
@@ -34,6 +54,7 @@ class DraftState:
     max_len: int
     last_hidden: torch.Tensor | None = None  # (B, H) output at each row's last committed input
     glob: torch.Tensor | None = None  # (B, H) ViSpec: each row's latest global image feature
+    glob_seq: torch.Tensor | None = None  # (B, T) -> H: ViSpec, training: the global feature at each prefill input
 
 
 @dataclass
@@ -54,6 +75,21 @@ class DrafterConfig:
     # training data) instead of the whole vocabulary. Drafting gets cheaper; verification is unchanged, so
     # output is too (a token outside the set can still be the target's bonus token, never a draft).
     draft_vocab_size: int = 0
+    generation: int = 2  # 2: EAGLE-2 head; 3: EAGLE-3 head (module docstring)
+    # EAGLE-3: the target hidden states fused by fc, as indices of transformers' ``hidden_states``
+    # (i = the input of decoder layer i; 0 = the input embeddings).
+    feature_layers: list[int] | None = None
+
+    def __post_init__(self):
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"DrafterConfig.generation must be one of {GENERATIONS}, got {self.generation!r}")
+        if self.generation == 3:
+            fl = self.feature_layers
+            if not fl or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in fl):
+                raise ValueError(f"an EAGLE-3 drafter needs feature_layers, a non-empty list of layer indices >= 0, got {fl!r}")
+            self.feature_layers = list(fl)
+        elif self.feature_layers is not None:
+            raise ValueError("feature_layers is an EAGLE-3 setting (generation=3); EAGLE-2 heads read the last hidden state")
 
     @classmethod
     def from_target(cls, model, **overrides) -> "DrafterConfig":
@@ -70,6 +106,9 @@ class DrafterConfig:
             rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))),
         )
+        if overrides.get("generation") == 3:
+            cfg["fc_bias"] = False  # EAGLE-3's fc has none
+            cfg["feature_layers"] = eagle3_layers(tc.num_hidden_layers)
         cfg.update(overrides)
         return cls(**cfg)
 
@@ -104,12 +143,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, c: DrafterConfig):
+    def __init__(self, c: DrafterConfig, in_features: int):
         super().__init__()
         h, hd = c.hidden_size, c.head_dim
-        self.q_proj = nn.Linear(h, c.num_attention_heads * hd, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(h, c.num_key_value_heads * hd, bias=c.qkv_bias)
+        self.q_proj = nn.Linear(in_features, c.num_attention_heads * hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(in_features, c.num_key_value_heads * hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(in_features, c.num_key_value_heads * hd, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
 
 
@@ -128,50 +167,100 @@ class DecoderLayer(nn.Module):
     """Llama decoder layer without the input layernorm (as EAGLE's first layer), over an external KV cache.
 
     Parameter names follow the EAGLE / ViSpec checkpoints: ``self_attn.{q,k,v,o}_proj``,
-    ``mlp.{gate,up,down}_proj``, ``post_attention_layernorm``.
+    ``mlp.{gate,up,down}_proj``, ``post_attention_layernorm``. The forward is split in two,
+    :meth:`qkv` then :meth:`attend`, so that training can attend over keys it concatenates
+    (the training-time test) while decoding writes them into the cache.
     """
 
-    def __init__(self, c: DrafterConfig):
+    def __init__(self, c: DrafterConfig, in_features: int | None = None):
         super().__init__()
         self.c = c
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, in_features or c.hidden_size)
         self.mlp = MLP(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, positions, kv, write_pos, visible):
-        """x (B, T, H); kv = (K, V) caches (B, Hkv, S, D) written at write_pos (B, T); visible (B, T, S) bool."""
+    def split(self, x):
+        """(what q/k/v read, the residual stream) of the layer input x."""
+        return x, x
+
+    def qkv(self, x, positions):
+        """x (B, T, in) at RoPE positions (B, T) -> q (B, heads, T, D), k, v (B, Hkv, T, D), residual (B, T, H)."""
         b, t, _ = x.shape
         c, a = self.c, self.self_attn
-        q = a.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = a.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = a.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        keys, values = kv
-        rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(write_pos)
-        keys[rows, :, write_pos] = k.transpose(1, 2).to(keys.dtype)
-        values[rows, :, write_pos] = v.transpose(1, 2).to(values.dtype)
+        inp, residual = self.split(x)
+        q = a.q_proj(inp).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = a.k_proj(inp).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = a.v_proj(inp).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v, residual
+
+    def attend(self, residual, q, keys, values, visible):
+        """The rest of the layer: attention of q over keys/values (B, Hkv, S, D) where visible (B, T, S)."""
+        b, _, t, _ = q.shape
+        c, a = self.c, self.self_attn
         attn = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible.unsqueeze(1), enable_gqa=c.num_attention_heads != c.num_key_value_heads
         )
-        h = x + a.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        h = residual + a.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, x, positions, kv, write_pos, visible):
+        """x (B, T, in); kv = (K, V) caches (B, Hkv, S, D) written at write_pos (B, T); visible (B, T, S) bool."""
+        q, k, v, residual = self.qkv(x, positions)
+        keys, values = kv
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(write_pos)
+        keys[rows, :, write_pos] = k.transpose(1, 2).to(keys.dtype)
+        values[rows, :, write_pos] = v.transpose(1, 2).to(values.dtype)
+        return self.attend(residual, q, keys, values, visible)
+
+
+class Eagle3Layer(DecoderLayer):
+    """EAGLE-3's ``midlayer``: its input is [e ; f] (2H); q/k/v read [input_layernorm(e) ; hidden_norm(f)]
+    and the residual stream starts from f."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__(c, in_features=2 * c.hidden_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def split(self, x):
+        h = self.c.hidden_size
+        e, f = x[..., :h], x[..., h:]
+        return torch.cat([self.input_layernorm(e), self.hidden_norm(f)], -1), f
 
 
 class EagleDrafter(nn.Module):
-    """EAGLE-2 drafter (see the module docstring); implements :class:`vispec.drafters.Drafter`."""
+    """EAGLE drafter of either generation (see the module docstring); implements
+    :class:`vispec.drafters.Drafter`. The ViSpec and HiViS kinds subclass it and change only how the
+    prompt becomes the drafter's sequence (and, for ViSpec, the feature), so each kind exists in both
+    generations."""
 
     def __init__(self, config: DrafterConfig, embed_tokens: nn.Module, lm_head: nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=config.fc_bias)
-        self.layers = nn.ModuleList([DecoderLayer(config)])  # one layer; a list for the checkpoints' names
         # Draft-vocabulary index -> token id (saved with the weights), or None for the full vocabulary.
         self.register_buffer("d2t", torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None)
-        self._head_rows = None  # (key, lm_head rows of d2t): cached, the head is frozen
+        if config.generation == 2:
+            self.fc = nn.Linear(2 * h, h, bias=config.fc_bias)
+            self.layers = nn.ModuleList([DecoderLayer(config)])  # one layer; a list for the checkpoints' names
+        else:
+            self.fc = nn.Linear(len(config.feature_layers) * h, h, bias=config.fc_bias)
+            self.midlayer = Eagle3Layer(config)
+            self.norm = RMSNorm(h, config.rms_norm_eps)
+            self.lm_head = nn.Linear(h, config.draft_vocab_size or config.vocab_size, bias=False)
+        self._head_rows = None  # (key, target lm_head rows of d2t): cached, the head is frozen
         # Shared with the target, frozen, not part of this module's parameters or state dict.
         self._shared = (embed_tokens, lm_head)
         self.state: DraftState | None = None
+
+    @property
+    def layer(self) -> DecoderLayer:
+        return self.layers[0] if self.config.generation == 2 else self.midlayer
+
+    @property
+    def feature_layers(self) -> list[int] | None:
+        """The target hidden states this drafter reads (None: the last one, after the final norm)."""
+        return self.config.feature_layers
 
     # -- construction / persistence ---------------------------------------------------------
     @classmethod
@@ -186,6 +275,21 @@ class EagleDrafter(nn.Module):
         return d.to(device=p.device, dtype=p.dtype)
 
     @classmethod
+    def from_drafter(cls, other: "EagleDrafter", model, seed: int | None = None, **overrides) -> "EagleDrafter":
+        """This kind on ``other``'s base (generation, feature layers, sizes, draft vocabulary) with its
+        weights, e.g. a ViSpec drafter for stage 2 from a stage-1 EAGLE head; parameters ``other`` lacks keep
+        their initialisation (ViSpec's img_fc starts as the identity, so the head's outputs are unchanged)."""
+        keep = {k: v for k, v in asdict(other.config).items() if k not in ("drafter_type", "draft_vocab_size")}
+        d = cls.from_target(model, seed=seed, **{**keep, **overrides})
+        if other.d2t is not None:
+            d.set_draft_vocab(other.d2t)
+        result = d.load_state_dict(other.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"a {cls.drafter_type()} drafter has no place for {other.drafter_type()}'s "
+                             f"{result.unexpected_keys}")
+        return d
+
+    @classmethod
     def drafter_type(cls) -> str:
         return "eagle"
 
@@ -195,6 +299,16 @@ class EagleDrafter(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.config.generation == 3:
+            self._init_own_head()
+
+    def _init_own_head(self):
+        """EAGLE-3: the drafter's lm_head starts as the target's rows of its draft vocabulary."""
+        w = self.target_head.weight
+        rows = w.detach() if self.d2t is None else w.detach().index_select(0, self.d2t.to(w.device))
+        self.lm_head = nn.Linear(rows.shape[1], rows.shape[0], bias=False).to(device=rows.device, dtype=rows.dtype)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(rows)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
         """Config + weights (safetensors); ``dtype`` casts the floating-point weights (e.g. bf16 to ship)."""
@@ -284,6 +398,9 @@ class EagleDrafter(nn.Module):
         c = self.config
         if tc.hidden_size != c.hidden_size:
             raise ValueError(f"drafter hidden size {c.hidden_size} does not match the target's {tc.hidden_size}")
+        if c.feature_layers is not None and max(c.feature_layers) >= tc.num_hidden_layers:
+            raise ValueError(f"drafter reads the target's hidden states at layers {c.feature_layers}, but the target "
+                             f"has {tc.num_hidden_layers} decoder layers (indices 0..{tc.num_hidden_layers - 1})")
         emb = model.get_input_embeddings()
         if emb.weight.shape[0] != c.vocab_size:
             raise ValueError(
@@ -312,6 +429,8 @@ class EagleDrafter(nn.Module):
         self.config.draft_vocab_size = ids.numel()
         self.d2t = ids.to(self.fc.weight.device)
         self._head_rows = None
+        if self.config.generation == 3:
+            self._init_own_head()  # its rows follow the vocabulary: they restart from the target's
 
     @staticmethod
     def frequent_tokens(token_lists, size: int, always=()) -> list[int]:
@@ -334,14 +453,22 @@ class EagleDrafter(nn.Module):
         return self._shared[0]
 
     @property
-    def lm_head(self):
+    def target_head(self):
+        """The target's lm_head (shared, frozen)."""
         return self._shared[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The target's lm_head on drafter states, over the draft vocabulary (``d2t``) when there is one.
-        On CPU a plain Linear head is applied as W @ h^T: MKL's skinny GEMM for the few rows a draft step
-        has is several times slower than that."""
-        head = self.lm_head
+        """Draft logits of drafter outputs h, over the draft vocabulary (``d2t``) when there is one: the
+        target's lm_head (EAGLE-2) or the drafter's final norm and own lm_head (EAGLE-3)."""
+        if self.config.generation == 3:
+            return self.lm_head(self.norm(h))
+        return self.target_logits(h)
+
+    def target_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The target's lm_head on hidden states h, over the draft vocabulary when there is one (what
+        training scores the drafter against). On CPU a plain Linear head is applied as W @ h^T: MKL's
+        skinny GEMM for the few rows a draft step has is several times slower than that."""
+        head = self.target_head
         if self.d2t is None and not (h.device.type == "cpu" and type(head) is nn.Linear):
             return head(h)
         if type(head) is not nn.Linear:
@@ -384,9 +511,21 @@ class EagleDrafter(nn.Module):
         if self.d2t is not None and tree.top_k > self.d2t.numel():
             raise ValueError(f"tree top_k {tree.top_k} exceeds the drafter's vocabulary of {self.d2t.numel()} tokens")
 
-    def fuse(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Drafter input from (embedding of the next token, target feature): fc([e ; f])."""
-        return self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
+    def fuse(self, embeds: torch.Tensor, features: torch.Tensor, own: bool = False, glob=None) -> torch.Tensor:
+        """Layer input from (embedding of the next token, feature): EAGLE-2 ``fc([e ; f])``, EAGLE-3
+        ``[e ; fc(f)]``. ``own``: f is the drafter's own output at the parent (a draft step), which EAGLE-3
+        takes as it is (no fc). ``glob``: ViSpec's global feature per position (see :meth:`condition`)."""
+        f = features.to(embeds.dtype)
+        if self.config.generation == 3 and not own:
+            f = self.fc(f)
+        f = self.condition(f, glob)
+        if self.config.generation == 2:
+            return self.fc(torch.cat([embeds, f], -1))
+        return torch.cat([embeds, f], -1)
+
+    def condition(self, f: torch.Tensor, glob=None) -> torch.Tensor:
+        """The feature (H wide) as the layer reads it; ViSpec injects the image's global feature here."""
+        return f
 
     def _append(self, x, positions, n_valid, roots):
         """Runs (B, T) new inputs causally after each row's committed entries; commits n_valid of them.
@@ -402,7 +541,7 @@ class EagleDrafter(nn.Module):
         # request, and a slot past it fails the indexed write below.
         keys = torch.arange(s.max_len, device=dev)
         visible = keys.view(1, 1, -1) <= slots.unsqueeze(-1)  # causal over committed + new entries
-        hidden = self.layers[0](x, positions, (s.k, s.v), slots, visible)
+        hidden = self.layer(x, positions, (s.k, s.v), slots, visible)
         rows = torch.arange(b, device=dev)
         last = (n_valid - 1).clamp(min=0)
         has = n_valid > 0
@@ -429,20 +568,44 @@ class EagleDrafter(nn.Module):
         positions = torch.arange(p, device=x.device).expand(b, p)
         return x, positions, inputs.lengths
 
-    def forward_sequence(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced outputs over one prompt-like sequence (batch 1), for training: (hidden (T, H),
-        original positions (T,)). Uses a fresh cache: no decoding state is read or kept."""
+    def forward_sequence(self, inputs: PrefillInputs, steps: int = 1, embeds: torch.Tensor | None = None):
+        """Outputs over one prompt-like sequence (batch 1), for training: (hidden (steps, T, H), original
+        positions (T,)). Uses a fresh cache: no decoding state is read or kept.
+
+        Step 0 is teacher forced (each input pairs the target's feature with the next token's embedding).
+        ``steps`` > 1 is EAGLE-3's training-time test: at step j the input at drafter position t (original
+        position p) pairs the drafter's own step j-1 output there with the embedding of token p + 1 + j
+        (``embeds`` (L, H): the embeddings of the whole sequence by original position), at RoPE position
+        p + j, and attends to the step-0 inputs up to t plus its own steps 1..j at t: exactly what a
+        depth-(j+1) tree node sees in :meth:`propose` (the committed prefix, then its chain of ancestors).
+        """
         p = inputs.inputs_embeds.shape[1]
         self.begin(1, p, inputs.inputs_embeds.device)
         x, positions, counts = self.prefill_sequence(inputs)
+        glob_seq = self.state.glob_seq
+        self.state = None
         t = int(counts[0])
         x, positions = x[:, :t], positions[:, :t]
+        layer = self.layer
+        q, k, v, res = layer.qkv(x, positions)
         slots = torch.arange(t, device=x.device)
-        visible = slots.view(1, 1, -1) <= slots.view(1, -1, 1)  # causal over the drafter's own sequence
-        kv = (self.state.k[:, :, :t].to(x.dtype), self.state.v[:, :, :t].to(x.dtype))
-        hidden = self.layers[0](x, positions, kv, slots.unsqueeze(0), visible)
-        self.state = None
-        return hidden[0], positions[0]
+        causal = (slots.view(1, 1, -1) <= slots.view(1, -1, 1))  # (1, T, T)
+        out = [layer.attend(res, q, k, v, causal)]
+        if steps > 1:
+            if embeds is None:
+                raise ValueError("forward_sequence with steps > 1 needs the sequence's embeddings (embeds)")
+            last = embeds.shape[0] - 1
+            glob = None if glob_seq is None else glob_seq[:, :t]
+            keys, values = [k], [v]
+            diag = torch.eye(t, dtype=torch.bool, device=x.device).unsqueeze(0)
+            for j in range(1, steps):
+                e = embeds[(positions[0] + 1 + j).clamp(max=last)].unsqueeze(0).to(x.dtype)  # beyond the end: masked
+                q, k, v, res = layer.qkv(self.fuse(e, out[-1], own=True, glob=glob), positions + j)
+                keys.append(k)
+                values.append(v)
+                visible = torch.cat([causal] + [diag] * j, -1)  # step 0 causally, steps 1..j at the same t
+                out.append(layer.attend(res, q, torch.cat(keys, 2), torch.cat(values, 2), visible))
+        return torch.cat(out, 0), positions[0]
 
     def shifted_embeds(self, inputs: PrefillInputs) -> torch.Tensor:
         """Embedding of the token following each position: inputs_embeds[:, 1:] and the new token at the end."""
@@ -491,8 +654,8 @@ class EagleDrafter(nn.Module):
             tree_vis.scatter_(2, (lens.view(b, 1, 1) + torch.arange(slots, device=dev)).expand(b, k, slots), anc)
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
             pos = (s.next_pos - 1 + (d - 1)).unsqueeze(1).expand(b, k)
-            x = self.fuse(self.embed_tokens(front_tok), front_hid)
-            hid = self.layers[0](x, pos, (s.k, s.v), write, visible)  # (B, k, H)
+            x = self.fuse(self.embed_tokens(front_tok), front_hid, own=True)
+            hid = self.layer(x, pos, (s.k, s.v), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)
             ctok = self.token_ids(ctok)

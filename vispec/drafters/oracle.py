@@ -15,6 +15,8 @@ from .base import DraftTree, PrefillInputs, TreeConfig
 
 
 class OracleDrafter:
+    feature_layers = None  # reads the target's last hidden states (and ignores them)
+
     def __init__(self, continuations: torch.Tensor, vocab_size: int, acceptance: float = 1.0, width: int = 3, seed: int = 0):
         """continuations (B, T): row b's expected new tokens, the first one included."""
         if not 0.0 <= acceptance <= 1.0:

@@ -17,6 +17,11 @@ ids, so later text keeps counting over the uncompressed sequence. Unlike the
 original code, any number of images per prompt and batches of any size work, and a
 video is compressed frame by frame (its global feature is the frames' average).
 Parameter names follow the official ViSpec checkpoints (``imadpt.*``, ``img_fc``).
+
+On the EAGLE-3 base (``generation=3``) the same pieces sit where that head reads its
+inputs: g enters as ``img_fc([fc(f_low, f_mid, f_high) ; g])`` and a compressed token
+takes the embedding's half of the layer input ``[e ; f]``, the other half being the
+fused target feature at its position (the layer has no H-wide input to put it raw).
 """
 from __future__ import annotations
 
@@ -82,13 +87,12 @@ class ViSpecDrafter(EagleDrafter):
         super().begin(batch_size, max_len, device, tree)
         self.state.glob = torch.zeros(batch_size, self.config.hidden_size, dtype=self.fc.weight.dtype, device=device)
 
-    def fuse(self, embeds, features, glob=None):
-        """fc([e ; img_fc([f ; g])]) with g the row's latest global feature, (B, H) or per position (B, T, H)."""
+    def condition(self, f, glob=None):
+        """img_fc([f ; g]) with g the row's latest global feature, (B, H), or one per position (B, T, H)."""
         g = self.state.glob if glob is None else glob
         if g.dim() == 2:
-            g = g.unsqueeze(1).expand(-1, features.shape[1], -1)
-        f = self.img_fc(torch.cat([features.to(embeds.dtype), g.to(embeds.dtype)], -1))
-        return super().fuse(embeds, f)
+            g = g.unsqueeze(1).expand(-1, f.shape[1], -1)
+        return self.img_fc(torch.cat([f, g.to(f.dtype)], -1))
 
     def prefill_sequence(self, inputs: PrefillInputs):
         b, p, h = inputs.inputs_embeds.shape
@@ -124,13 +128,20 @@ class ViSpecDrafter(EagleDrafter):
                 g = torch.stack(globs).mean(0)  # a video's global feature: the frames' average
                 glob_pos[r, end:] = g  # text after this block sees its global feature
                 row_glob[r] = g
-        x_all = self.fuse(emb, inputs.features, glob_pos)  # (B, P, H) text inputs
         is_comp = torch.zeros(b, p, dtype=torch.bool, device=dev)
+        if self.config.generation == 3:  # EAGLE-3: a compressed token takes the embedding's half of the input
+            emb = emb.clone()
+            for r, pos, vec in compressed:
+                emb[r, pos] = vec.to(emb.dtype)
+        x_all = self.fuse(emb, inputs.features, glob=glob_pos)  # (B, P, H or 2H) text inputs
         for r, pos, vec in compressed:
-            x_all[r, pos] = vec.to(x_all.dtype)  # raw: bypasses fc and img_fc
+            if self.config.generation == 2:
+                x_all[r, pos] = vec.to(x_all.dtype)  # raw: bypasses fc and img_fc (as the official ViSpec)
             is_comp[r, pos] = True
         valid = torch.arange(p, device=dev).unsqueeze(0) < inputs.lengths.unsqueeze(1)
         take = (keep | is_comp) & valid
         self.state.glob = row_glob
-        return compact(x_all, take)
+        x, positions, counts = compact(x_all, take)
+        self.state.glob_seq = torch.gather(glob_pos, 1, positions.unsqueeze(-1).expand(-1, -1, h))
+        return x, positions, counts
 

@@ -52,6 +52,19 @@ class Prefill:
     state: Any = None  # per-request family state the tree forwards need (e.g. Qwen-VL's rope deltas)
 
 
+class LayerCapture:
+    """What :meth:`Adapter.capture_layers` recorded in the latest forward."""
+
+    def __init__(self, n: int):
+        self.states: list[torch.Tensor | None] = [None] * n
+
+    def features(self) -> torch.Tensor:
+        if any(t is None for t in self.states):
+            raise RuntimeError("a captured decoder layer did not run in the forward")
+        dev = self.states[-1].device
+        return torch.cat([t.to(dev) for t in self.states], -1)
+
+
 class Adapter:
     """Base adapter: a decoder-only text LM (``model.model`` + ``model.lm_head``)."""
 
@@ -165,6 +178,32 @@ class Adapter:
             yield box
         finally:
             handle.remove()
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    @contextlib.contextmanager
+    def capture_layers(self, layers: list[int] | None):
+        """Records, for each forward inside, the hidden states entering the decoder layers ``layers``
+        (transformers' ``hidden_states[i]``): ``box.features()`` is their concatenation (B, T, len * H) on
+        the last one's device. Only those layers' inputs are kept (forward pre-hooks, no extra forward,
+        no full hidden-state stack). ``layers=None`` records nothing and yields None."""
+        if not layers:
+            yield None
+            return
+        box = LayerCapture(len(layers))
+        mods = self.decoder_layers
+        handles = []
+        for slot, i in enumerate(layers):
+            def hook(module, args, kwargs, slot=slot):
+                box.states[slot] = args[0] if args else kwargs["hidden_states"]
+            handles.append(mods[i].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield box
+        finally:
+            for hd in handles:
+                hd.remove()
 
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, Any]:
         """(position ids of a padded sequence as ``model.generate`` makes them, per-request state for
