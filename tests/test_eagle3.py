@@ -181,3 +181,99 @@ def test_ttt_loss_masks_positions_outside_the_draft_vocabulary():
         step_loss(d, rec, TrainConfig(stage=1, passes=2), embed)
     with pytest.raises(ValueError, match="passes=1 or ttt_steps=1"):
         TrainConfig(passes=2, ttt_steps=3).options(2)
+
+
+def rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotate(x, pos, theta):
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    ang = pos.float()[:, None] * inv
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    return x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin
+
+
+def eagle3_by_hand(sd, cfg, emb, feats, eps=1e-6):
+    """The EAGLE-3 head as its release code computes it, over a teacher-forced sequence: logits (T, Vd)."""
+    h, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    t = emb.shape[0]
+    x = feats @ sd["fc.weight"].T
+    a = torch.cat([rms(emb, sd["midlayer.input_layernorm.weight"], eps), rms(x, sd["midlayer.hidden_norm.weight"], eps)], -1)
+    q = (a @ sd["midlayer.self_attn.q_proj.weight"].T).view(t, nh, hd).transpose(0, 1)
+    k = (a @ sd["midlayer.self_attn.k_proj.weight"].T).view(t, nkv, hd).transpose(0, 1)
+    v = (a @ sd["midlayer.self_attn.v_proj.weight"].T).view(t, nkv, hd).transpose(0, 1)
+    pos = torch.arange(t)
+    q, k = rotate(q, pos, cfg["rope_theta"]), rotate(k, pos, cfg["rope_theta"])
+    k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
+    att = (q @ k.transpose(1, 2)) / hd**0.5 + torch.full((t, t), float("-inf")).triu(1)
+    o = (att.softmax(-1) @ v).transpose(0, 1).reshape(t, nh * hd) @ sd["midlayer.self_attn.o_proj.weight"].T
+    x1 = x + o
+    m = rms(x1, sd["midlayer.post_attention_layernorm.weight"], eps)
+    mlp = (torch.nn.functional.silu(m @ sd["midlayer.mlp.gate_proj.weight"].T) * (m @ sd["midlayer.mlp.up_proj.weight"].T))
+    out = x1 + mlp @ sd["midlayer.mlp.down_proj.weight"].T
+    return rms(out, sd["norm.weight"], eps) @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("layers_key", ["sglang", "vllm", "default"])
+def test_official_eagle3_checkpoint(tmp_path, layers_key):
+    """A state dict with exactly the published EAGLE-3 names and shapes (SpecForge / SafeAILab) loads; the
+    drafter's logits equal a hand-written forward of that layout; d2t offsets map draft ids to tokens."""
+    from safetensors.torch import save_file
+
+    model = T.llama(num_hidden_layers=6)
+    tc = model.config
+    h, nh, nkv, inter, vocab = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.intermediate_size, tc.vocab_size
+    hd, dv = h // nh, 40
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    used = torch.randperm(vocab, generator=g)[:dv].sort().values
+    sd = {
+        "fc.weight": rnd(h, 3 * h),
+        "midlayer.self_attn.q_proj.weight": rnd(nh * hd, 2 * h), "midlayer.self_attn.k_proj.weight": rnd(nkv * hd, 2 * h),
+        "midlayer.self_attn.v_proj.weight": rnd(nkv * hd, 2 * h), "midlayer.self_attn.o_proj.weight": rnd(h, nh * hd),
+        "midlayer.mlp.gate_proj.weight": rnd(inter, h), "midlayer.mlp.up_proj.weight": rnd(inter, h),
+        "midlayer.mlp.down_proj.weight": rnd(h, inter),
+        "midlayer.hidden_norm.weight": 1 + rnd(h), "midlayer.input_layernorm.weight": 1 + rnd(h),
+        "midlayer.post_attention_layernorm.weight": 1 + rnd(h), "norm.weight": 1 + rnd(h),
+        "lm_head.weight": rnd(dv, h) * 10,
+        "d2t": used - torch.arange(dv), "t2d": torch.isin(torch.arange(vocab), used),
+        "embed_tokens.weight": rnd(vocab, h),  # some releases ship it: ignored
+    }
+    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
+           "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": hd, "num_hidden_layers": 1,
+           "vocab_size": vocab, "draft_vocab_size": dv, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+    want_layers = {"sglang": [1, 3, 4], "vllm": [1, 3, 4], "default": eagle3_layers(6)}[layers_key]
+    if layers_key == "sglang":
+        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [0, 2, 3]}  # outputs of layers 0, 2, 3
+    elif layers_key == "vllm":
+        cfg["eagle_aux_hidden_state_layer_ids"] = [1, 3, 4]  # inputs of layers 1, 3, 4
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    d = vispec.EagleDrafter.from_official(tmp_path, model)
+    assert d.config.generation == 3 and d.feature_layers == want_layers and torch.equal(d.d2t, used)
+    # Teacher-forced logits vs the hand-written forward.
+    t = 9
+    emb = torch.randn(t, h, generator=g)
+    feats = torch.randn(t, 3 * h, generator=g)
+    with torch.no_grad():
+        hid, _ = d.forward_sequence(PrefillInputs(input_ids=torch.zeros(1, t, dtype=torch.long), inputs_embeds=emb[None],
+                                                  features=feats[None], lengths=torch.tensor([t]),
+                                                  next_tokens=torch.zeros(1, dtype=torch.long)))
+        shifted = torch.cat([emb[1:], model.get_input_embeddings()(torch.zeros(1, dtype=torch.long))])
+        torch.testing.assert_close(d.logits(hid[0]), eagle3_by_hand(sd, cfg, shifted, feats), atol=1e-4, rtol=1e-4)
+    # Draft index -> token via the offsets; generation stays lossless.
+    assert torch.equal(d.token_ids(torch.arange(dv)), torch.arange(dv) + sd["d2t"])
+    inputs = T.text_inputs([6], seed=3)
+    ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(8, 3, 3)).sequences, ref)
+    # Layouts vispec cannot run faithfully are refused, naming why.
+    for bad, msg in [({"num_hidden_layers": 2}, "2-layer"), ({"target_hidden_size": 2 * h}, "target_hidden_size"),
+                     ({"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}, "M-RoPE"),
+                     ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2]}}, "fc reads 3")]:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=msg):
+            vispec.EagleDrafter.from_official(tmp_path, model)

@@ -341,14 +341,22 @@ class EagleDrafter(nn.Module):
 
     @classmethod
     def from_official(cls, path, model, num_q: int = 2) -> "EagleDrafter":
-        """Loads an EAGLE-2 (SafeAILab/EAGLE) or ViSpec (KangJialiang/ViSpec) release checkpoint.
+        """Loads a release checkpoint: EAGLE-2 (SafeAILab/EAGLE), ViSpec (KangJialiang/ViSpec) or EAGLE-3
+        (SafeAILab/EAGLE-3, SpecForge; recognised by its ``midlayer.*`` keys).
 
-        Their layout: config.json (hidden_size, intermediate_size, num_attention_heads,
-        num_key_value_heads, rms_norm_eps, rope_theta, vocab_size, optional qkv_bias and
-        bias) and pytorch_model.bin or model.safetensors with ``fc``, ``layers.0.*``, for
-        ViSpec ``imadpt.*`` and ``img_fc``, and a copy of the target's ``embed_tokens``
-        (dropped: the target's own embeddings are used). Head dim is hidden / heads, as
-        those codebases compute it. ``num_q`` is not in their config (default 2).
+        EAGLE-2 / ViSpec layout: config.json (hidden_size, intermediate_size, num_attention_heads,
+        num_key_value_heads, rms_norm_eps, rope_theta, vocab_size, optional qkv_bias and bias) and
+        pytorch_model.bin or model.safetensors with ``fc``, ``layers.0.*``, for ViSpec ``imadpt.*`` and
+        ``img_fc``; head dim is hidden / heads, as those codebases compute it; ``num_q`` is not in their
+        config (default 2).
+
+        EAGLE-3 layout: ``fc.weight`` (H, n * H), ``midlayer.*`` (q/k/v over 2H, ``hidden_norm``,
+        ``input_layernorm``), ``norm.weight``, ``lm_head.weight`` (draft vocabulary, H), ``d2t`` (offsets:
+        token id = draft index + d2t[index]) and ``t2d`` (bool over the vocabulary); config keys as above
+        plus ``draft_vocab_size``, ``head_dim``, and the captured layers either as SGLang / SpecForge
+        give them (``eagle_config.eagle_aux_hidden_state_layer_ids``: outputs of those layers) or as vLLM
+        does (top-level ``eagle_aux_hidden_state_layer_ids``: inputs of those layers), else EAGLE-3's
+        default for the target. A copy of the target's ``embed_tokens`` is dropped in every layout.
         """
         path = Path(path)
         cfg_file = path / CONFIG_NAME
@@ -358,21 +366,6 @@ class EagleDrafter(nn.Module):
         missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in raw]
         if missing:
             raise ValueError(f"{cfg_file} lacks {', '.join(missing)}: not an EAGLE / ViSpec checkpoint config")
-        heads = raw["num_attention_heads"]
-        config = DrafterConfig(
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw["hidden_size"] // heads,
-            vocab_size=raw["vocab_size"],
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            qkv_bias=bool(raw.get("qkv_bias", False)),
-            fc_bias=bool(raw.get("bias", True)),
-            num_q=num_q,
-            drafter_type=cls.drafter_type(),
-        )
         if (path / WEIGHTS_NAME).is_file():
             from safetensors.torch import load_file
 
@@ -381,7 +374,20 @@ class EagleDrafter(nn.Module):
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         else:
             raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor pytorch_model.bin")
-        state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head."))}
+        heads = raw["num_attention_heads"]
+        common = dict(
+            hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"], num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads, vocab_size=raw["vocab_size"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(raw.get("rope_theta", 10000.0)),
+            num_q=num_q, drafter_type=cls.drafter_type(),
+        )
+        if any(k.startswith("midlayer.") for k in state):
+            config, state = _eagle3_official(raw, state, model, common, cfg_file)
+        else:
+            config = DrafterConfig(**common, head_dim=raw["hidden_size"] // heads,
+                                   qkv_bias=bool(raw.get("qkv_bias", False)), fc_bias=bool(raw.get("bias", True)))
+        state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head.")) or
+                 (config.generation == 3 and k.startswith("lm_head."))}
         d = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
         d.check_target(model)
         result = d.load_state_dict(state, strict=False)
@@ -677,6 +683,50 @@ class EagleDrafter(nn.Module):
             torch.cat(pool_score, 1), torch.cat(pool_tok, 1), torch.cat(pool_parent, 1), torch.cat(pool_depth, 1),
             s.roots, tree.total_tokens,
         )
+
+
+def _eagle3_official(raw: dict, state: dict, model, common: dict, cfg_file) -> tuple[DrafterConfig, dict]:
+    """The DrafterConfig of an EAGLE-3 release and its state dict in vispec's terms (d2t as token ids)."""
+    h = raw["hidden_size"]
+    if raw.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"{cfg_file}: a {raw['num_hidden_layers']}-layer EAGLE-3 head; vispec runs one-layer heads")
+    if raw.get("target_hidden_size", h) != h:
+        raise ValueError(f"{cfg_file}: target_hidden_size {raw['target_hidden_size']} != hidden_size {h}: such a "
+                         "head needs its own embeddings, which vispec does not run (it shares the target's)")
+    rs = raw.get("rope_scaling") or {}
+    if rs.get("mrope_section") or rs.get("type") == "mrope" or rs.get("rope_type") == "mrope":
+        raise ValueError(f"{cfg_file}: an M-RoPE drafter (rope_scaling {rs}); vispec's drafters use 1-D RoPE, and "
+                         "running this one with it would draft with other attention than it was trained with")
+    n_layers = model.config.get_text_config().num_hidden_layers
+    fc = state.get("fc.weight")
+    if fc is None or fc.shape[0] != h or fc.shape[1] % h:
+        raise ValueError(f"{cfg_file.parent}: fc.weight {None if fc is None else tuple(fc.shape)} is not (H, n * H) "
+                         f"with H = {h}")
+    if "eagle_aux_hidden_state_layer_ids" in (raw.get("eagle_config") or {}):  # SGLang / SpecForge: layer outputs
+        layers = [int(i) + 1 for i in raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    elif "eagle_aux_hidden_state_layer_ids" in raw:  # vLLM: layer inputs, our numbering
+        layers = [int(i) for i in raw["eagle_aux_hidden_state_layer_ids"]]
+    else:
+        layers = eagle3_layers(n_layers)
+    if len(layers) * h != fc.shape[1]:
+        raise ValueError(f"{cfg_file.parent}: fc reads {fc.shape[1] // h} hidden states but the layers are {layers}")
+    state = {k: v for k, v in state.items() if k != "t2d"}
+    vocab = raw["vocab_size"]
+    dv = int(raw.get("draft_vocab_size") or state["lm_head.weight"].shape[0])
+    d2t = state.pop("d2t", None)
+    if dv != vocab:
+        if d2t is None or d2t.shape != (dv,):
+            raise ValueError(f"{cfg_file.parent}: draft_vocab_size {dv} needs a d2t of {dv} offsets")
+        ids = torch.arange(dv) + d2t.long()
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != dv:
+            raise ValueError(f"{cfg_file.parent}: d2t maps draft ids outside the vocabulary or onto one token twice")
+        state["d2t"] = ids
+    config = DrafterConfig(
+        **common, head_dim=raw.get("head_dim") or h // raw["num_attention_heads"],
+        qkv_bias="midlayer.self_attn.q_proj.bias" in state, fc_bias="fc.bias" in state,
+        draft_vocab_size=0 if dv == vocab else dv, generation=3, feature_layers=layers,
+    )
+    return config, state
 
 
 def build_tree(score, tok, parent, depth, roots, total):
