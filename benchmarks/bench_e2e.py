@@ -210,7 +210,8 @@ def run_demo(args, device):
     """
     import random
 
-    from vispec.demo import DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, load_demo_drafter, prompt
+    from vispec.demo import (DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, drafter_label, drafter_names,
+                             load_demo_drafter, prompt)
     from vispec.demo.model import vision_weights_path
     from vispec.demo.scenes import make_scene, score
     from vispec.drafters import load_drafter
@@ -219,9 +220,14 @@ def run_demo(args, device):
                                       image_tokens=args.image_tokens)
     model.to(device)
     tok = processor.tokenizer
-    drafters = {k: load_drafter(args.drafters / k, model) if args.drafters else load_demo_drafter(k, model)
-                for k in DRAFTER_KINDS}
-    names = {"vispec": "ViSpec", "eagle": "EAGLE-2", "hivis": "HiViS"}
+    if args.drafters:  # every drafter the folder holds, EAGLE-2 heads then EAGLE-3 heads
+        found = [k for k in drafter_names((2, 3)) if (args.drafters / k / "config.json").is_file()]
+        if not found:
+            raise SystemExit(f"{args.drafters} holds none of the demo drafters ({', '.join(drafter_names((2, 3)))})")
+        drafters = {k: load_drafter(args.drafters / k, model) for k in found}
+    else:
+        drafters = {k: load_demo_drafter(k, model) for k in DRAFTER_KINDS}
+    names = {k: drafter_label(k) for k in drafters}
     tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
     for i in range(args.images):

@@ -107,6 +107,10 @@ def test_unrolled_steps_match_drafting_one_chain():
         with torch.no_grad():
             hid, pos = d.forward_sequence(inputs, steps=steps, embeds=emb)
             assert hid.shape == (steps, L - 1, h) and torch.equal(pos, torch.arange(L - 1))
+            # Unrolling only from position 5 (earlier ones are never scored) changes nothing there.
+            part, _ = d.forward_sequence(inputs, steps=steps, embeds=emb, unroll_from=5)
+            torch.testing.assert_close(part[:, 5:], hid[:, 5:], atol=1e-5, rtol=1e-5)
+            assert torch.equal(part[0], hid[0]) and not part[1:, :5].any()
             for t in (0, 3, 6):
                 d.begin(1, 64, torch.device("cpu"))
                 d.prefill(PrefillInputs(input_ids=ids[: t + 1][None], inputs_embeds=emb[: t + 1][None],

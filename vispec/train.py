@@ -189,9 +189,10 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
             answer = keep
     parts = {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0}
 
-    def losses(hid, pos, weight=1.0):
-        """The weighted losses of outputs hid (T, H) scored against the target at positions pos (T,)."""
-        ok = pos < target_logp.shape[0]
+    def losses(hid, pos, weight=1.0, rows=None):
+        """The weighted losses of outputs hid (T, H) scored against the target at positions pos (T,) (only
+        ``rows`` (T,) bool, when given)."""
+        ok = pos < target_logp.shape[0] if rows is None else rows & (pos < target_logp.shape[0])
         mask = ok & answer[pos.clamp(max=target_logp.shape[0] - 1)]
         if not bool(mask.any()):
             return None
@@ -209,9 +210,12 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
 
     total = 0.0
     if opts["ttt_steps"] > 1:
-        hid, pos = drafter.forward_sequence(inputs, steps=opts["ttt_steps"], embeds=tg["embeds"])
-        for j in range(opts["ttt_steps"]):  # step j predicts j tokens further on
-            term = losses(hid[j], pos + j, cfg.ttt_decay**j)
+        steps = opts["ttt_steps"]
+        scored = answer.nonzero()
+        start = int(scored[0]) - (steps - 1) if len(scored) else 0  # earlier positions are never scored past step 0
+        hid, pos = drafter.forward_sequence(inputs, steps=steps, embeds=tg["embeds"], unroll_from=start)
+        for j in range(steps):  # step j predicts j tokens further on
+            term = losses(hid[j], pos + j, cfg.ttt_decay**j, pos >= start)
             if term is not None:
                 total = total + term
     else:

@@ -33,6 +33,26 @@ DEMO_IMAGE_SEED = EVAL_SEED + 1001  # assets/scene.png: held out, outside the be
 DEMO_TREE = (12, 5, 4)
 
 
+KIND_NAMES = {"vispec": "ViSpec", "eagle": "EAGLE-2", "hivis": "HiViS"}
+GENERATION_SUFFIX = {2: "", 3: "-eagle3"}  # a drafter's folder: its kind, then its head's generation
+
+
+def drafter_dir_name(kind: str, generation: int = 2) -> str:
+    return kind + GENERATION_SUFFIX[generation]
+
+
+def drafter_label(name: str) -> str:
+    """A drafter folder's name for tables: "ViSpec", "EAGLE-2", "ViSpec (EAGLE-3 head)", ..."""
+    for gen, suffix in GENERATION_SUFFIX.items():
+        if suffix and name.endswith(suffix):
+            return f"{KIND_NAMES[name[: -len(suffix)]]} (EAGLE-3 head)"
+    return KIND_NAMES.get(name, name)
+
+
+def drafter_names(generations=(2,)) -> list[str]:
+    return [drafter_dir_name(k, g) for g in generations for k in DRAFTER_KINDS]
+
+
 def drafter_path(kind: str) -> Path:
     if kind not in DRAFTER_KINDS:
         raise ValueError(f"unknown demo drafter {kind!r}; choose from {', '.join(DRAFTER_KINDS)}")
@@ -50,4 +70,5 @@ def load_demo_drafter(kind: str, model):
 
 
 __all__ = ["build_demo_vlm", "load_demo_drafter", "prompt", "vision_state_dict", "drafter_path", "DEMO_IMAGE",
-           "DEMO_PROMPT", "DEMO_TREE", "PROMPTS", "EVAL_SEED", "DRAFT_DATA_SEED", "DRAFTER_KINDS", "IMAGE_TOKEN", "WEIGHTS"]
+           "DEMO_PROMPT", "DEMO_TREE", "PROMPTS", "EVAL_SEED", "DRAFT_DATA_SEED", "DRAFTER_KINDS", "IMAGE_TOKEN", "WEIGHTS",
+           "drafter_dir_name", "drafter_label", "drafter_names"]

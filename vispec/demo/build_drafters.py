@@ -17,7 +17,11 @@
    on the same shards with the same settings: ``--epochs`` of stage 1 (feature + soft CE), then
    ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE), and
    tracks held-out tau after every epoch.
-5. Saves each final drafter in bf16 under ``--out/<kind>/``.
+5. Saves each final drafter in bf16 under ``--out/<kind>/`` (EAGLE-3 heads: ``--out/<kind>-eagle3/``).
+
+``--generations 2 3`` trains every kind on both heads (EAGLE-2 and EAGLE-3: the shards then also hold the
+target's layer states EAGLE-3 reads) with the same data, epochs and learning rate; EAGLE-3 heads train
+with the training-time test (``--ttt-steps``) instead of the self-correction pass.
 
 ``--image-tokens`` chooses the demo VLM (36, 144 or 576 image tokens per image; its vision
 weights from the package, or ``--vision-weights``).
@@ -34,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from . import DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, DRAFTERS_DIR, EVAL_SEED, PROMPTS, build_demo_vlm, prompt
+from . import (DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, DRAFTERS_DIR, EVAL_SEED, PROMPTS, build_demo_vlm,
+               drafter_dir_name, prompt)
 from .model import GEOMETRY, vision_weights_path
 from .scenes import make_scene
 
@@ -104,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--suffix", default="", help=f"appended to every prompt (ViSpec's is {LONG_ANSWER_SUFFIX!r})")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--kinds", nargs="+", choices=DRAFTER_KINDS, default=list(DRAFTER_KINDS))
+    ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2],
+                    help="drafter heads: 2 = EAGLE-2, 3 = EAGLE-3 (each kind on each)")
+    ap.add_argument("--ttt-steps", type=int, default=None, help="EAGLE-3 heads' training-time test (default 7)")
     ap.add_argument("--epochs", type=int, default=20, help="stage 1 epochs")
     ap.add_argument("--stage2-epochs", type=int, default=0, help="then ViSpec's stage-2 objective for this many")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -127,6 +135,9 @@ def main(argv=None):
                  f"`python -m vispec.demo.train_vision --image-tokens {args.image_tokens} --out {weights}`")
 
     model, processor = build_demo_vlm(weights, image_tokens=args.image_tokens)
+    from ..drafters.eagle import eagle3_layers
+
+    layers = eagle3_layers(model.config.get_text_config().num_hidden_layers) if 3 in args.generations else None
     sets = {}
     for name, n, seed0, temperature in (("greedy", args.samples, DRAFT_DATA_SEED, 0.0),
                                         ("sampled", args.sampled, SAMPLED_DATA_SEED, 1.0)):
@@ -137,7 +148,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # sampled answers: reproducible
         counts = generate_shards(model, processor, load_samples(samples_file), args.work / f"shards-{name}",
                                  images_root=folder / "images", suffix=args.suffix, max_new_tokens=args.max_new_tokens,
-                                 batch_size=8, temperature=temperature)
+                                 batch_size=8, temperature=temperature, feature_layers=layers)
         print(f"data ({name}): {counts}", flush=True)
         sets[name] = ShardDataset(args.work / f"shards-{name}")
     dataset = torch.utils.data.ConcatDataset(list(sets.values()))
@@ -157,23 +168,27 @@ def main(argv=None):
           f"answer-token coverage {cover}", flush=True)
     summary = {"draft_vocab": len(vocab) if vocab else None, "coverage": cover}
     run_dir = args.work / f"seed-{args.seed}"  # the data above is shared by every seed's training
-    for kind in args.kinds:
-        extra = {"num_q": args.num_q} if kind == "vispec" else {}
-        drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
-        if vocab is not None:
-            drafter.set_draft_vocab(vocab)
-        history = []
-        for stage, epochs in ((1, args.epochs), (2, args.stage2_epochs)):
-            if epochs == 0:
-                continue
-            cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, passes=2, seed=args.seed,
-                              log_every=20)
-            res = train(model, drafter, dataset, cfg, run_dir / f"train-{kind}" / f"stage{stage}", eval_inputs=held,
-                        eval_tokens=96, tree=tree)
-            history += [[stage, e, t] for e, t in res["tau_history"]]
-        drafter.save_pretrained(args.out / kind, dtype=torch.bfloat16)
-        summary[kind] = history
-        print(f"{kind}: held-out tau per (stage, epoch) {history}; saved to {args.out / kind}", flush=True)
+    for gen in args.generations:
+        for kind in args.kinds:
+            name = drafter_dir_name(kind, gen)
+            extra = {"num_q": args.num_q} if kind == "vispec" else {}
+            if gen == 3:
+                extra.update(generation=3, feature_layers=layers)
+            drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
+            if vocab is not None:
+                drafter.set_draft_vocab(vocab)
+            history = []
+            for stage, epochs in ((1, args.epochs), (2, args.stage2_epochs)):
+                if epochs == 0:
+                    continue
+                cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, seed=args.seed, log_every=20,
+                                  ttt_steps=args.ttt_steps if gen == 3 else None)
+                res = train(model, drafter, dataset, cfg, run_dir / f"train-{name}" / f"stage{stage}", eval_inputs=held,
+                            eval_tokens=96, tree=tree)
+                history += [[stage, e, t] for e, t in res["tau_history"]]
+            drafter.save_pretrained(args.out / name, dtype=torch.bfloat16)
+            summary[name] = history
+            print(f"{name}: held-out tau per (stage, epoch) {history}; saved to {args.out / name}", flush=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 

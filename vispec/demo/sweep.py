@@ -28,11 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import drafter_label, drafter_names
 from .model import GEOMETRY, vision_weights_path, weights_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("vispec", "eagle", "hivis")
-NAMES = {"vispec": "ViSpec", "eagle": "EAGLE-2", "hivis": "HiViS", "lookup": "HF prompt lookup"}
+
+
+def method_label(method: str) -> str:
+    return "HF prompt lookup" if method == "lookup" else drafter_label(method)
 
 
 def aggregate(runs: dict[int, list[dict]]) -> dict:
@@ -71,7 +74,7 @@ def report(agg: dict, label: str) -> list[str]:
                     v = per.get(t, {}).get(metric)
                     unit = "x" if metric == "speedup" else ""
                     cells.append("-" if v is None else f"{v[0]:.2f}{unit} ({v[1]:.2f}-{v[2]:.2f}, {v[3]})")
-                lines.append(f"| {NAMES.get(m, m)} | {metric} | " + " | ".join(cells) + " |")
+                lines.append(f"| {method_label(m)} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -94,7 +97,7 @@ def plot(agg: dict, path: Path, label: str) -> None:
                 xs = [t for t, _ in pts]
                 mean = [v[0] for _, v in pts]
                 err = [[v[0] - v[1] for _, v in pts], [v[2] - v[0] for _, v in pts]]
-                ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=NAMES.get(m, m))
+                ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=method_label(m))
             ax.set_xscale("log")
             ax.set_xticks(sorted({t for per in agg[temp].values() for t in per}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--other-seeds", type=int, nargs="+", default=[0], help="drafter seeds at the other counts")
     ap.add_argument("--build-args", default="--samples 320 --sampled 160 --stage2-epochs 4 --draft-vocab-coverage 0.99",
                     help="extra arguments of build_drafters, the same for every count")
+    ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2],
+                    help="drafter heads trained at the largest count (the others: EAGLE-2 only)")
     ap.add_argument("--bench-args", default="--images 100 --batches 1 4 8 --text-only 6", help="extra bench_e2e arguments")
     ap.add_argument("--max-minutes", type=float, default=0, help="> 0: start no step after this many minutes")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the benchmark JSON already in --work")
@@ -147,12 +152,13 @@ def main(argv=None) -> int:
                 break
         for seed in (args.seeds if n == biggest else args.other_seeds):
             drafters = work / f"drafters-seed{seed}"
-            if not all((drafters / k / "config.json").is_file() for k in KINDS):
+            gens = args.generations if n == biggest else [2]
+            if not all((drafters / k / "config.json").is_file() for k in drafter_names(gens)):
                 if out_of_time():
                     break
                 run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(n),
                      "--vision-weights", str(weights), "--out", str(drafters), "--seed", str(seed),
-                     *args.build_args.split()])
+                     "--generations", *map(str, gens), *args.build_args.split()])
             result = work / f"bench-seed{seed}.json"
             if not result.is_file():
                 if out_of_time():

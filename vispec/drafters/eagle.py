@@ -574,7 +574,8 @@ class EagleDrafter(nn.Module):
         positions = torch.arange(p, device=x.device).expand(b, p)
         return x, positions, inputs.lengths
 
-    def forward_sequence(self, inputs: PrefillInputs, steps: int = 1, embeds: torch.Tensor | None = None):
+    def forward_sequence(self, inputs: PrefillInputs, steps: int = 1, embeds: torch.Tensor | None = None,
+                         unroll_from: int = 0):
         """Outputs over one prompt-like sequence (batch 1), for training: (hidden (steps, T, H), original
         positions (T,)). Uses a fresh cache: no decoding state is read or kept.
 
@@ -584,6 +585,8 @@ class EagleDrafter(nn.Module):
         (``embeds`` (L, H): the embeddings of the whole sequence by original position), at RoPE position
         p + j, and attends to the step-0 inputs up to t plus its own steps 1..j at t: exactly what a
         depth-(j+1) tree node sees in :meth:`propose` (the committed prefix, then its chain of ancestors).
+        Steps j >= 1 run only at original positions >= ``unroll_from`` (their rows of ``hidden`` are zero
+        elsewhere): a long prompt whose positions are never scored costs one step, not ``steps``.
         """
         p = inputs.inputs_embeds.shape[1]
         self.begin(1, p, inputs.inputs_embeds.device)
@@ -596,21 +599,27 @@ class EagleDrafter(nn.Module):
         q, k, v, res = layer.qkv(x, positions)
         slots = torch.arange(t, device=x.device)
         causal = (slots.view(1, 1, -1) <= slots.view(1, -1, 1))  # (1, T, T)
-        out = [layer.attend(res, q, k, v, causal)]
-        if steps > 1:
-            if embeds is None:
-                raise ValueError("forward_sequence with steps > 1 needs the sequence's embeddings (embeds)")
-            last = embeds.shape[0] - 1
-            glob = None if glob_seq is None else glob_seq[:, :t]
-            keys, values = [k], [v]
-            diag = torch.eye(t, dtype=torch.bool, device=x.device).unsqueeze(0)
-            for j in range(1, steps):
-                e = embeds[(positions[0] + 1 + j).clamp(max=last)].unsqueeze(0).to(x.dtype)  # beyond the end: masked
-                q, k, v, res = layer.qkv(self.fuse(e, out[-1], own=True, glob=glob), positions + j)
-                keys.append(k)
-                values.append(v)
-                visible = torch.cat([causal] + [diag] * j, -1)  # step 0 causally, steps 1..j at the same t
-                out.append(layer.attend(res, q, torch.cat(keys, 2), torch.cat(values, 2), visible))
+        first = layer.attend(res, q, k, v, causal)
+        if steps == 1:
+            return first, positions[0]
+        if embeds is None:
+            raise ValueError("forward_sequence with steps > 1 needs the sequence's embeddings (embeds)")
+        rows = (positions[0] >= unroll_from).nonzero().squeeze(1)  # the unrolled positions
+        pos = positions[:, rows]
+        last = embeds.shape[0] - 1
+        glob = None if glob_seq is None else glob_seq[:, rows]
+        keys, values = [k], [v]
+        diag = torch.eye(rows.numel(), dtype=torch.bool, device=x.device).unsqueeze(0)
+        vis0 = causal[:, rows]  # the unrolled rows' view of step 0
+        out, h = [first], first[:, rows]
+        for j in range(1, steps):
+            e = embeds[(pos[0] + 1 + j).clamp(max=last)].unsqueeze(0).to(x.dtype)  # beyond the end: masked
+            q, k, v, res = layer.qkv(self.fuse(e, h, own=True, glob=glob), pos + j)
+            keys.append(k)
+            values.append(v)
+            visible = torch.cat([vis0] + [diag] * j, -1)  # step 0 causally, steps 1..j at the same t
+            h = layer.attend(res, q, torch.cat(keys, 2), torch.cat(values, 2), visible)
+            out.append(first.new_zeros(first.shape).index_copy(1, rows, h))
         return torch.cat(out, 0), positions[0]
 
     def shifted_embeds(self, inputs: PrefillInputs) -> torch.Tensor:
