@@ -315,3 +315,18 @@ def test_qwen3_vl_video_lossless_and_compressed_per_frame():
         assert torch.equal(vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(6, 3, 2)).sequences, ref)
     assert [e - v for e, v in zip(lens["eagle"], lens["vispec"])] == [12 - 2, 12 - 2]  # one token per frame
     assert [e - h for e, h in zip(lens["eagle"], lens["hivis"])] == [12, 12]  # no visual position at all
+
+
+def test_vispec_without_global_feature():
+    """The ablation: no img_fc, text positions read the target feature alone; still lossless."""
+    model = T.llava()
+    d = vispec.ViSpecDrafter.from_target(model, seed=0, global_feature=False, num_q=3)
+    assert not hasattr(d, "img_fc") and not any(k.startswith("img_fc") for k in d.state_dict())
+    base = vispec.EagleDrafter.from_target(model, seed=0)
+    base.load_state_dict({k: v for k, v in d.state_dict().items() if not k.startswith("imadpt")})
+    h = model.config.get_text_config().hidden_size
+    e, f = torch.randn(1, 2, h), torch.randn(1, 2, h)
+    torch.testing.assert_close(d.fuse(e, f, glob=torch.randn(1, 2, h)), base.fuse(e, f))
+    inputs = T.llava_inputs([5, 8], seed=2)
+    ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(vispec.generate(model, d, **inputs, max_new_tokens=10, tree=TreeConfig(8, 3, 3)).sequences, ref)

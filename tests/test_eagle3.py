@@ -118,7 +118,7 @@ def test_unrolled_steps_match_drafting_one_chain():
                                         next_tokens=ids[t + 1 : t + 2]))
                 torch.testing.assert_close(d.state.last_hidden[0], hid[0, t], atol=1e-5, rtol=1e-5)
                 for j in range(1, steps):
-                    x = d.fuse(emb[t + 1 + j][None, None], d.state.last_hidden[:, None], own=True)
+                    x = d.fuse(emb[t + 1 + j][None, None], d.state.last_hidden[:, None], step=j)
                     d._append(x, torch.tensor([[t + j]]), torch.tensor([1]), ids[:1])
                     torch.testing.assert_close(d.state.last_hidden[0], hid[j, t], atol=1e-5, rtol=1e-5)
 

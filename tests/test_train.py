@@ -178,5 +178,5 @@ def test_listmle_is_the_plackett_luce_likelihood_of_the_targets_order():
 def test_stage2_is_vispecs_objective():
     from vispec.train import STAGES, TrainConfig
 
-    assert STAGES[2] == dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1)
+    assert STAGES[2] == dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1, w_topk=0.0)
     assert TrainConfig(stage=2, w_rank=0.5).weights()["w_rank"] == 0.5

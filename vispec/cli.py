@@ -68,14 +68,19 @@ def _train(args) -> int:
     model, processor = load_target(args.model, args.dtype, args.device)
     if args.init:
         drafter = load_drafter(args.init, model)
-        if drafter.drafter_type() != args.drafter:
-            # Stage 2 from a stage-1 EAGLE head: same base and weights, new adaptor (img_fc starts as identity).
-            drafter = DRAFTERS[args.drafter].from_drafter(drafter, model, seed=args.seed, num_q=args.num_q)
+        resize = args.drafter == "hivis" and args.hivis_residuals and args.hivis_residuals != drafter.config.hivis_residuals
+        if drafter.drafter_type() != args.drafter or resize:
+            # Stage 2 from a stage-1 head: same base and weights, new parts (ViSpec's img_fc starts as the
+            # identity; HiViS's extra residual rows as its last one).
+            more = {"hivis_residuals": args.hivis_residuals} if args.drafter == "hivis" and args.hivis_residuals else {}
+            drafter = DRAFTERS[args.drafter].from_drafter(drafter, model, seed=args.seed, num_q=args.num_q, **more)
             print(f"initialised {args.drafter} from {args.init}")
     else:
         extra = {}
         if args.generation == 3:  # the layers default to those the shards hold
             extra = dict(generation=3, feature_layers=_feature_layers(args.feature_layers, model) or dataset.feature_layers)
+        if args.drafter == "hivis" and args.hivis_residuals:
+            extra["hivis_residuals"] = args.hivis_residuals
         drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q, **extra)
         if args.draft_vocab:
             drafter.set_draft_vocab(answer_vocab(dataset, model, args.draft_vocab))
@@ -365,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drafter", choices=["vispec", "hivis", "eagle"], default="vispec")
     t.add_argument("--out", required=True, help="checkpoints (checkpoint-*/) and the final drafter (final/)")
     t.add_argument("--init", default=None, help="start from this drafter (stage 2 from a stage-1 EAGLE head)")
-    t.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: feature + soft CE, 2: ViSpec (10 x probability L1 + 0.1 x ListMLE)")
+    t.add_argument("--stage", type=lambda v: int(v) if v.isdigit() else v, choices=[1, 2, "hivis"], default=1,
+                   help="1: feature + soft CE, 2: ViSpec (10 x probability L1 + 0.1 x ListMLE), hivis: HiViS's "
+                        "multi-step self-feedback with dynamic data selection")
+    t.add_argument("--hivis-residuals", type=int, default=0,
+                   help="HiViS drafters: step-dependent residual vectors (0: the plain text-only drafter)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=3e-5)
     t.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch")

@@ -5,11 +5,13 @@ the next tokens' embeddings over a whole stored sequence and predicts, at each o
 positions i, the target's next feature f_{i+1} and hence the next token's
 distribution softmax(lm_head(f_{i+1})). Losses (weights per stage, all configurable):
 
-    feature   SmoothL1(pred_i, f_{i+1})                                 stage 1: 1.0   stage 2: 0
-    soft CE   -sum_v p_target(v) log p_draft(v)                        stage 1: 0.1   stage 2: 0
-    prob L1   sum_v |p_draft(v) - p_target(v)|                         stage 1: 0     stage 2: 10
-    ListMLE   -log Plackett-Luce likelihood of the target's top-10     stage 1: 0     stage 2: 0.1
+                                                                       stage 1  stage 2  "hivis"
+    feature   SmoothL1(pred_i, f_{i+1})                                  1.0      0        1.0
+    soft CE   -sum_v p_target(v) log p_draft(v)                          0.1      0        0.1
+    prob L1   sum_v |p_draft(v) - p_target(v)|                           0        10       0
+    ListMLE   -log Plackett-Luce likelihood of the target's top-10       0        0.1      0
               order under the draft's log-probabilities
+    top-k CE  soft CE against the target renormalised over its top-10    0        0        1.0
 
 (stage 2 is ViSpec's own objective: 10 x probability L1 + 0.1 x a listwise ranking loss over
 the target's top-10)
@@ -25,7 +27,11 @@ the drafter is unrolled ``ttt_steps`` (7) times on its own outputs
 (:meth:`EagleDrafter.forward_sequence`), step j scored against the target's
 distribution j tokens further on with weight 0.8^j; with a draft vocabulary, positions
 where the target's choice lies outside it are left out (EAGLE-3's position mask). Stage
-2's L1 + ListMLE apply per step the same way. No feature noise (EAGLE-3 adds none). AdamW (0.9, 0.95), linear
+2's L1 + ListMLE apply per step the same way. No feature noise (EAGLE-3 adds none).
+
+Stage "hivis" is HiViS's stage 2 (multi-step self-feedback with dynamic data selection, see
+:mod:`vispec.drafters.hivis`): the same unroll over 3 steps, with ``select_topk`` = 5 (a position leaves
+the later steps' loss once the drafter's top-5 misses the target's top-1), on either head. AdamW (0.9, 0.95), linear
 warmup then linear decay, gradient clipping, bf16 autocast on GPUs; one device or
 several through ``accelerate launch`` / torchrun (DDP via accelerate).
 """
@@ -44,17 +50,28 @@ from tqdm import tqdm
 from .drafters.base import PrefillInputs
 
 STAGES = {
-    1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0),
-    2: dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1),
+    1: dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0, w_topk=0.0),
+    2: dict(w_feature=0.0, w_ce=0.0, w_l1=10.0, w_rank=0.1, w_topk=0.0),
+    # HiViS's stage 2 (release: multi-step self-feedback): feature + 0.1 soft CE + CE over the target's top-10
+    "hivis": dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0, w_topk=1.0),
 }
+# Stage-specific defaults of the options left None in TrainConfig (over the generation's, below).
+STAGE_OPTIONS = {"hivis": dict(passes=1, ttt_steps=3, select_topk=5)}
 # EAGLE-3 heads: what differs from the table above (no feature regression: their output is no target feature).
-EAGLE3_STAGES = {1: dict(w_feature=0.0, w_ce=1.0)}
+EAGLE3_STAGES = {1: dict(w_feature=0.0, w_ce=1.0), "hivis": dict(w_feature=0.0)}
 # Per drafter generation: the defaults of the options left None in TrainConfig.
 GENERATION_DEFAULTS = {
-    2: dict(passes=2, ttt_steps=1, noise=True),
-    3: dict(passes=1, ttt_steps=7, noise=False),
+    2: dict(passes=2, ttt_steps=1, noise=True, select_topk=0),
+    3: dict(passes=1, ttt_steps=7, noise=False, select_topk=0),
 }
 RANK_TOP = 10  # ListMLE ranks the target's 10 most likely tokens (ViSpec)
+
+
+def topk_ce(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_TOP) -> torch.Tensor:
+    """HiViS's top-k loss: cross-entropy of the draft against the target's distribution renormalised over
+    the target's k most likely tokens, rows (T, V)."""
+    top, idx = target_logp.topk(min(k, target_logp.shape[-1]), -1)
+    return -(torch.softmax(top, -1) * torch.gather(draft_logp, -1, idx)).sum(-1).mean()
 
 
 def listmle(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_TOP) -> torch.Tensor:
@@ -68,7 +85,7 @@ def listmle(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_T
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
+    stage: int | str = 1  # a key of STAGES: 1, 2 (ViSpec's) or "hivis"
     epochs: int = 20
     lr: float = 3e-5
     warmup_steps: int | None = None  # default: one epoch of steps (ViSpec)
@@ -79,10 +96,14 @@ class TrainConfig:
     noise: bool | None = None
     ttt_steps: int | None = None  # training-time test unroll (EAGLE-3: 7); 1 = teacher forcing only
     ttt_decay: float = 0.8  # weight of unroll step j: ttt_decay ** j
+    # > 0: dynamic data selection (HiViS): a position stays in later unroll steps' loss only while the target's
+    # top-1 token is among the drafter's top ``select_topk`` at every earlier step.
+    select_topk: int | None = None
     w_feature: float | None = None
     w_ce: float | None = None
     w_l1: float | None = None
     w_rank: float | None = None
+    w_topk: float | None = None
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU
     log_every: int = 10
@@ -95,9 +116,10 @@ class TrainConfig:
         return w
 
     def options(self, generation: int = 2) -> dict:
-        """passes / ttt_steps / noise for a drafter of ``generation`` (None: that generation's default)."""
-        opts = {k: (getattr(self, k) if getattr(self, k) is not None else v)
-                for k, v in GENERATION_DEFAULTS[generation].items()}
+        """passes / ttt_steps / noise / select_topk for a drafter of ``generation`` (None: the stage's default,
+        else the generation's)."""
+        base = {**GENERATION_DEFAULTS[generation], **STAGE_OPTIONS.get(self.stage, {})}
+        opts = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
         for k in ("passes", "ttt_steps"):
             if not isinstance(opts[k], int) or opts[k] < 1:
                 raise ValueError(f"TrainConfig.{k} must be an int >= 1, got {opts[k]!r}")
@@ -187,7 +209,7 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
             keep = torch.zeros_like(answer)
             keep[answer] = torch.isin(full, drafter.d2t.to(full.device))
             answer = keep
-    parts = {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0}
+    parts = {"feature": 0.0, "ce": 0.0, "l1": 0.0, "rank": 0.0, "topk": 0.0, "scored": 0}  # scored: (position, step) pairs
 
     def losses(hid, pos, weight=1.0, rows=None):
         """The weighted losses of outputs hid (T, H) scored against the target at positions pos (T,) (only
@@ -204,9 +226,12 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
         l_ce = -(tp * dlp).sum(-1).mean()
         l_l1 = (dlp.exp() - tp).abs().sum(-1).mean()
         l_rank = listmle(dlp, tlp) if w["w_rank"] else l_l1.new_zeros(())
-        for k, v in (("feature", l_feat), ("ce", l_ce), ("l1", l_l1), ("rank", l_rank)):
+        l_topk = topk_ce(dlp, tlp) if w["w_topk"] else l_l1.new_zeros(())
+        for k, v in (("feature", l_feat), ("ce", l_ce), ("l1", l_l1), ("rank", l_rank), ("topk", l_topk)):
             parts[k] += weight * float(v.detach())
-        return weight * (w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1 + w["w_rank"] * l_rank)
+        parts["scored"] += int(mask.sum())
+        return weight * (w["w_feature"] * l_feat + w["w_ce"] * l_ce + w["w_l1"] * l_l1 + w["w_rank"] * l_rank
+                         + w["w_topk"] * l_topk)
 
     total = 0.0
     if opts["ttt_steps"] > 1:
@@ -214,10 +239,20 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
         scored = answer.nonzero()
         start = int(scored[0]) - (steps - 1) if len(scored) else 0  # earlier positions are never scored past step 0
         hid, pos = drafter.forward_sequence(inputs, steps=steps, embeds=tg["embeds"], unroll_from=start)
+        alive = pos >= start  # the chains still scored (dynamic data selection drops some)
+        last = target_logp.shape[0] - 1
         for j in range(steps):  # step j predicts j tokens further on
-            term = losses(hid[j], pos + j, cfg.ttt_decay**j, pos >= start)
+            term = losses(hid[j], pos + j, cfg.ttt_decay**j, alive)
             if term is not None:
                 total = total + term
+            if opts["select_topk"] and j + 1 < steps and bool(alive.any()):
+                with torch.no_grad():  # keep a chain while the drafter's top-k holds the target's choice
+                    rows = alive.nonzero().squeeze(1)
+                    top1 = target_logp[(pos[rows] + j).clamp(max=last)].argmax(-1, keepdim=True)
+                    k = min(opts["select_topk"], target_logp.shape[-1])
+                    hit = (drafter.logits(hid[j][rows]).float().topk(k, -1).indices == top1).any(-1)
+                    alive = alive.clone()
+                    alive[rows] = hit
     else:
         override = None
         for i in range(opts["passes"]):

@@ -70,6 +70,10 @@ class DrafterConfig:
     qkv_bias: bool = False  # q/k/v projections with bias (Qwen-based checkpoints)
     fc_bias: bool = True
     num_q: int = 2  # ViSpec: learnable queries per image (num_q - 1 compressed tokens + 1 global feature)
+    global_feature: bool = True  # ViSpec: inject the image's global feature into text positions (False: ablation)
+    # HiViS: step-dependent residual vectors (0: the plain text-only drafter). Row 0 goes with the target's
+    # features, row j with the drafter's own output at draft step j (the last row for deeper steps).
+    hivis_residuals: int = 0
     drafter_type: str = "eagle"
     # > 0: the drafter scores only this many tokens (ids in the ``d2t`` buffer, chosen by frequency in its
     # training data) instead of the whole vocabulary. Drafting gets cheaper; verification is unchanged, so
@@ -283,11 +287,15 @@ class EagleDrafter(nn.Module):
         d = cls.from_target(model, seed=seed, **{**keep, **overrides})
         if other.d2t is not None:
             d.set_draft_vocab(other.d2t)
-        result = d.load_state_dict(other.state_dict(), strict=False)
+        result = d.load_state_dict(d.adopt(other.state_dict()), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"a {cls.drafter_type()} drafter has no place for {other.drafter_type()}'s "
                              f"{result.unexpected_keys}")
         return d
+
+    def adopt(self, state: dict) -> dict:
+        """Another drafter's state dict as this one's (:meth:`from_drafter`); HiViS resizes its residuals."""
+        return state
 
     @classmethod
     def drafter_type(cls) -> str:
@@ -381,10 +389,11 @@ class EagleDrafter(nn.Module):
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(raw.get("rope_theta", 10000.0)),
             num_q=num_q, drafter_type=cls.drafter_type(),
         )
+        extra, state = cls._official_layout(state)
         if any(k.startswith("midlayer.") for k in state):
-            config, state = _eagle3_official(raw, state, model, common, cfg_file)
+            config, state = _eagle3_official(raw, state, model, {**common, **extra}, cfg_file)
         else:
-            config = DrafterConfig(**common, head_dim=raw["hidden_size"] // heads,
+            config = DrafterConfig(**common, **extra, head_dim=raw["hidden_size"] // heads,
                                    qkv_bias=bool(raw.get("qkv_bias", False)), fc_bias=bool(raw.get("bias", True)))
         state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head.")) or
                  (config.generation == 3 and k.startswith("lm_head."))}
@@ -398,6 +407,11 @@ class EagleDrafter(nn.Module):
             )
         p = next(model.parameters())
         return d.to(device=p.device, dtype=p.dtype)
+
+    @classmethod
+    def _official_layout(cls, state: dict) -> tuple[dict, dict]:
+        """(DrafterConfig settings a release's state dict implies, the state dict in this kind's names)."""
+        return {}, state
 
     def check_target(self, model) -> None:
         tc = model.config.get_text_config()
@@ -517,21 +531,26 @@ class EagleDrafter(nn.Module):
         if self.d2t is not None and tree.top_k > self.d2t.numel():
             raise ValueError(f"tree top_k {tree.top_k} exceeds the drafter's vocabulary of {self.d2t.numel()} tokens")
 
-    def fuse(self, embeds: torch.Tensor, features: torch.Tensor, own: bool = False, glob=None) -> torch.Tensor:
+    def fuse(self, embeds: torch.Tensor, features: torch.Tensor, step: int = 0, glob=None) -> torch.Tensor:
         """Layer input from (embedding of the next token, feature): EAGLE-2 ``fc([e ; f])``, EAGLE-3
-        ``[e ; fc(f)]``. ``own``: f is the drafter's own output at the parent (a draft step), which EAGLE-3
-        takes as it is (no fc). ``glob``: ViSpec's global feature per position (see :meth:`condition`)."""
+        ``[e ; fc(f)]``. ``step`` 0: f is the target's; j >= 1: f is the drafter's own output fed back at its
+        j-th draft step (the parent's), which EAGLE-3 takes as it is (no fc). ``glob``: ViSpec's global
+        feature per position (see :meth:`condition`)."""
         f = features.to(embeds.dtype)
-        if self.config.generation == 3 and not own:
+        if self.config.generation == 3 and step == 0:
             f = self.fc(f)
-        f = self.condition(f, glob)
+        f = self.condition(f, glob, step)
         if self.config.generation == 2:
-            return self.fc(torch.cat([embeds, f], -1))
+            return self.fc(torch.cat([embeds, f, *self.fc_extra(f, step)], -1))
         return torch.cat([embeds, f], -1)
 
-    def condition(self, f: torch.Tensor, glob=None) -> torch.Tensor:
+    def condition(self, f: torch.Tensor, glob=None, step: int = 0) -> torch.Tensor:
         """The feature (H wide) as the layer reads it; ViSpec injects the image's global feature here."""
         return f
+
+    def fc_extra(self, f: torch.Tensor, step: int) -> list[torch.Tensor]:
+        """More inputs of an EAGLE-2 head's fc after [e ; f] (HiViS: its step's residual vector)."""
+        return []
 
     def _append(self, x, positions, n_valid, roots):
         """Runs (B, T) new inputs causally after each row's committed entries; commits n_valid of them.
@@ -614,7 +633,7 @@ class EagleDrafter(nn.Module):
         out, h = [first], first[:, rows]
         for j in range(1, steps):
             e = embeds[(pos[0] + 1 + j).clamp(max=last)].unsqueeze(0).to(x.dtype)  # beyond the end: masked
-            q, k, v, res = layer.qkv(self.fuse(e, h, own=True, glob=glob), pos + j)
+            q, k, v, res = layer.qkv(self.fuse(e, h, step=j, glob=glob), pos + j)
             keys.append(k)
             values.append(v)
             visible = torch.cat([vis0] + [diag] * j, -1)  # step 0 causally, steps 1..j at the same t
@@ -669,7 +688,7 @@ class EagleDrafter(nn.Module):
             tree_vis.scatter_(2, (lens.view(b, 1, 1) + torch.arange(slots, device=dev)).expand(b, k, slots), anc)
             visible = visible | tree_vis  # ... plus the node's own ancestors and itself
             pos = (s.next_pos - 1 + (d - 1)).unsqueeze(1).expand(b, k)
-            x = self.fuse(self.embed_tokens(front_tok), front_hid, own=True)
+            x = self.fuse(self.embed_tokens(front_tok), front_hid, step=d - 1)
             hid = self.layer(x, pos, (s.k, s.v), write, visible)  # (B, k, H)
             lp = torch.log_softmax(self.logits(hid).float(), -1)
             ctop, ctok = lp.topk(k, -1)  # (B, k, k)

@@ -62,8 +62,9 @@ class ViSpecDrafter(EagleDrafter):
         super().__init__(config, embed_tokens, lm_head)
         h = config.hidden_size
         self.imadpt = VisionAdaptor(config)
-        self.img_fc = nn.Linear(2 * h, h, bias=config.fc_bias)
-        self._identity_img_fc()
+        if config.global_feature:
+            self.img_fc = nn.Linear(2 * h, h, bias=config.fc_bias)
+            self._identity_img_fc()
 
     @classmethod
     def drafter_type(cls) -> str:
@@ -79,7 +80,8 @@ class ViSpecDrafter(EagleDrafter):
 
     def _init_weights(self):
         super()._init_weights()
-        self._identity_img_fc()  # img_fc([f ; g]) = f at the start: a stage-1 EAGLE head loads unchanged
+        if self.config.global_feature:
+            self._identity_img_fc()  # img_fc([f ; g]) = f at the start: a stage-1 EAGLE head loads unchanged
         with torch.no_grad():
             self.imadpt.q.normal_(0.0, self.config.head_dim**-0.5)
 
@@ -87,8 +89,10 @@ class ViSpecDrafter(EagleDrafter):
         super().begin(batch_size, max_len, device, tree)
         self.state.glob = torch.zeros(batch_size, self.config.hidden_size, dtype=self.fc.weight.dtype, device=device)
 
-    def condition(self, f, glob=None):
+    def condition(self, f, glob=None, step=0):
         """img_fc([f ; g]) with g the row's latest global feature, (B, H), or one per position (B, T, H)."""
+        if not self.config.global_feature:
+            return f
         g = self.state.glob if glob is None else glob
         if g.dim() == 2:
             g = g.unsqueeze(1).expand(-1, f.shape[1], -1)
