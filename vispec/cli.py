@@ -133,6 +133,19 @@ def _layers_arg(spec: str) -> str:
     return spec
 
 
+def _export(args) -> int:
+    from .export import export
+
+    try:
+        res = export(args.drafter, args.out, args.format, base_only=args.as_eagle_base)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("export", str(e))
+    print(f"{args.drafter} -> {args.out} ({res['architecture']}, {args.format}): {', '.join(res['files'])}")
+    for n in res["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
 def _fail(command: str, message: str) -> int:
     print(f"vispec {command}: {message}", file=sys.stderr)
     return 2
@@ -404,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=DTYPES, default="auto")
     t.add_argument("--device", default=None)
     t.set_defaults(func=_train)
+
+    x = sub.add_parser("export", help="write a drafter in the layout SGLang or vLLM serve (EAGLE-2 / EAGLE-3 heads)")
+    x.add_argument("--format", choices=["sglang", "vllm"], required=True)
+    x.add_argument("--as-eagle-base", action="store_true",
+                   help="ViSpec / HiViS drafters: export their EAGLE head alone (the engines cannot run the rest)")
+    x.add_argument("drafter", help="a vispec drafter directory (save_pretrained / vispec train's final/)")
+    x.add_argument("out", help="output directory")
+    x.set_defaults(func=_export)
     return ap
 
 

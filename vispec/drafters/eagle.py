@@ -355,8 +355,9 @@ class EagleDrafter(nn.Module):
         EAGLE-2 / ViSpec layout: config.json (hidden_size, intermediate_size, num_attention_heads,
         num_key_value_heads, rms_norm_eps, rope_theta, vocab_size, optional qkv_bias and bias) and
         pytorch_model.bin or model.safetensors with ``fc``, ``layers.0.*``, for ViSpec ``imadpt.*`` and
-        ``img_fc``; head dim is hidden / heads, as those codebases compute it; ``num_q`` is not in their
-        config (default 2).
+        ``img_fc``; head dim is hidden / heads, as those codebases compute it (unless the config names one);
+        ``num_q`` is not in their config (default 2); a ``speculative_token_map.pt`` beside (SGLang's hot
+        tokens) becomes the draft vocabulary.
 
         EAGLE-3 layout: ``fc.weight`` (H, n * H), ``midlayer.*`` (q/k/v over 2H, ``hidden_norm``,
         ``input_layernorm``), ``norm.weight``, ``lm_head.weight`` (draft vocabulary, H), ``d2t`` (offsets:
@@ -393,7 +394,7 @@ class EagleDrafter(nn.Module):
         if any(k.startswith("midlayer.") for k in state):
             config, state = _eagle3_official(raw, state, model, {**common, **extra}, cfg_file)
         else:
-            config = DrafterConfig(**common, **extra, head_dim=raw["hidden_size"] // heads,
+            config = DrafterConfig(**common, **extra, head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
                                    qkv_bias=bool(raw.get("qkv_bias", False)), fc_bias=bool(raw.get("bias", True)))
         state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head.")) or
                  (config.generation == 3 and k.startswith("lm_head."))}
@@ -405,6 +406,9 @@ class EagleDrafter(nn.Module):
                 f"{path} does not match a {cls.drafter_type()} drafter: missing {result.missing_keys}, "
                 f"unexpected {result.unexpected_keys}"
             )
+        token_map = path / "speculative_token_map.pt"  # SGLang's hot tokens: an EAGLE-2 head's draft vocabulary
+        if config.generation == 2 and token_map.is_file():
+            d.set_draft_vocab(torch.load(token_map, map_location="cpu", weights_only=True))
         p = next(model.parameters())
         return d.to(device=p.device, dtype=p.dtype)
 
