@@ -84,6 +84,47 @@ def test_eagle3_training_raises_tau_and_stays_lossless(tmp_path, corpus, kind):
               tmp_path / "no-aux", progress=False)
 
 
+def test_online_records_equal_the_stored_ones_and_ranks_split_the_answers(tmp_path, corpus):
+    """--online: the target computes in the loop what the shards store (same answers, same hidden and
+    layer states up to bf16); with two ranks each answers half the samples, and both see all of them."""
+    import threading
+
+    from vispec.data import OnlineDataset
+
+    model, data, _ = corpus
+    from vispec.testing import tiny_llava_and_processor
+
+    _, proc = tiny_llava_and_processor()
+    root = data.index[0][0].parent.parent
+    samples = load_samples(root / "data.json")[:14]
+    stored = ShardDataset(root / "shards3")
+    by_id = {stored[i]["id"]: stored[i] for i in range(len(stored))}
+    online = {}
+
+    def build(rank):
+        online[rank] = OnlineDataset(model, proc, samples, tmp_path / "work", images_root=root / "img", suffix="t2",
+                                     max_new_tokens=40, batch_size=7, feature_layers=[0, 1], rank=rank, world=2,
+                                     progress=False, wait_s=0.05)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    lines = [len((tmp_path / "work" / f"answers-{r}-of-2.jsonl").read_text().splitlines()) for r in range(2)]
+    assert lines == [7, 7] and len(online[0]) == len(online[1]) == 14
+    for i in range(len(online[0])):
+        rec = online[0][i]
+        want = by_id[rec["id"]]
+        for k in ("input_ids", "loss_mask", "image_mask"):
+            assert torch.equal(rec[k], want[k]), (rec["id"], k)
+        for k in ("hidden", "aux_hidden", "image_embeds"):
+            torch.testing.assert_close(rec[k].float(), want[k].float(), atol=3e-2, rtol=3e-2)
+    again = OnlineDataset(model, proc, samples, tmp_path / "work", images_root=root / "img", suffix="t2",
+                          max_new_tokens=40, feature_layers=[0, 1], rank=0, world=2, progress=False)
+    assert len(again) == 14 and lines[0] == len((tmp_path / "work" / "answers-0-of-2.jsonl").read_text().splitlines())
+
+
 def test_resume_gives_the_uninterrupted_state(tmp_path, corpus):
     model, data, _ = corpus
     cfg = TrainConfig(stage=2, epochs=3, lr=1e-3, warmup_steps=5, passes=2, log_every=1000)
@@ -132,6 +173,13 @@ def test_cli_train_stage1_then_stage2(tmp_path, corpus):
     e3 = vispec.load_drafter(tmp_path / "e3" / "final", model)
     assert e3.config.generation == 3 and e3.feature_layers == [0, 1]
     assert main(["train", *common, "--drafter", "eagle", "--generation", "3", "--out", str(tmp_path / "x")]) == 2
+    # --online: the samples file instead of shards; the target runs in the loop.
+    online = [a if a != shard_dir else str(data.index[0][0].parent.parent / "data.json") for a in common]
+    assert main(["train", *online, "--online", "--images-root", str(img_dir), "--suffix", "t2", "--max-new-tokens", "20",
+                 "--drafter", "hivis", "--generation", "3", "--ttt-steps", "2", "--draft-vocab", "60",
+                 "--out", str(tmp_path / "on")]) == 0
+    on = vispec.load_drafter(tmp_path / "on" / "final", model)
+    assert on.feature_layers == [1, 1, 0] and 0 < on.config.draft_vocab_size <= 60  # the answers use fewer tokens
     assert main(["train", *common3, "--drafter", "eagle", "--generation", "3", "--feature-layers", "1,0",
                  "--out", str(tmp_path / "x")]) == 2
 

@@ -61,10 +61,14 @@ def _train(args) -> int:
     from .drafters import DRAFTERS, TreeConfig, load_drafter
     from .train import TrainConfig, answer_vocab, train
 
-    dataset = ShardDataset(args.data)  # fails before loading the model if there is no data
-    if args.generation == 3 and dataset.feature_layers is None:
-        return _fail("train", f"{args.data} holds no target layer states (aux_hidden), which an EAGLE-3 head reads: "
-                              "generate it with `vispec data generate --feature-layers eagle3`")
+    if args.online:  # --data is a samples file; the frozen target computes every record in the loop
+        samples = load_samples(args.data)  # bad input fails before the model loads
+        dataset = None
+    else:
+        dataset = ShardDataset(args.data)  # fails before loading the model if there is no data
+        if args.generation == 3 and dataset.feature_layers is None:
+            return _fail("train", f"{args.data} holds no target layer states (aux_hidden), which an EAGLE-3 head reads: "
+                                  "generate it with `vispec data generate --feature-layers eagle3`, or train --online")
     model, processor = load_target(args.model, args.dtype, args.device)
     if args.init:
         drafter = load_drafter(args.init, model)
@@ -77,14 +81,25 @@ def _train(args) -> int:
             print(f"initialised {args.drafter} from {args.init}")
     else:
         extra = {}
-        if args.generation == 3:  # the layers default to those the shards hold
-            extra = dict(generation=3, feature_layers=_feature_layers(args.feature_layers, model) or dataset.feature_layers)
+        if args.generation == 3:  # the layers: given, else those the shards hold, else (online) EAGLE-3's
+            layers = _feature_layers(args.feature_layers, model) or (dataset.feature_layers if dataset is not None
+                                                                     else _feature_layers("eagle3", model))
+            extra = dict(generation=3, feature_layers=layers)
         if args.drafter == "hivis" and args.hivis_residuals:
             extra["hivis_residuals"] = args.hivis_residuals
         drafter = DRAFTERS[args.drafter].from_target(model, seed=args.seed, num_q=args.num_q, **extra)
-        if args.draft_vocab:
-            drafter.set_draft_vocab(answer_vocab(dataset, model, args.draft_vocab))
-            print(f"draft vocabulary: the {drafter.config.draft_vocab_size} most frequent answer tokens")
+    if dataset is None:
+        import os
+
+        from .data import OnlineDataset
+
+        dataset = OnlineDataset(model, processor, samples, Path(args.out) / "online", images_root=args.images_root,
+                                suffix=args.suffix, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                batch_size=args.answer_batch_size, feature_layers=drafter.feature_layers,
+                                rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+    if args.draft_vocab and not args.init:
+        drafter.set_draft_vocab(answer_vocab(dataset, model, args.draft_vocab))
+        print(f"draft vocabulary: the {drafter.config.draft_vocab_size} most frequent answer tokens")
     eval_inputs = []
     if args.eval_data:
         from PIL import Image
@@ -379,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a drafter on shards from `vispec data generate` (resumable)")
     t.add_argument("--model", required=True, help="target checkpoint directory, or `demo`")
-    t.add_argument("--data", required=True, help="shard directory written by `vispec data generate`")
+    t.add_argument("--data", required=True, help="shard directory written by `vispec data generate` (with --online: "
+                                                 "the JSON / JSONL samples that command reads)")
+    t.add_argument("--online", action="store_true",
+                   help="run the frozen target in the training loop (no shards on disk: only the answers' token ids)")
+    t.add_argument("--max-new-tokens", type=int, default=1024, help="--online: answer length")
+    t.add_argument("--temperature", type=float, default=0.0, help="--online: answers' temperature (0 = greedy)")
+    t.add_argument("--answer-batch-size", type=int, default=4, help="--online: prompts answered per generate call")
     t.add_argument("--drafter", choices=["vispec", "hivis", "eagle"], default="vispec")
     t.add_argument("--out", required=True, help="checkpoints (checkpoint-*/) and the final drafter (final/)")
     t.add_argument("--init", default=None, help="start from this drafter (stage 2 from a stage-1 EAGLE head)")
@@ -431,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    for name in ("max_new_tokens", "batch_size", "shard_size", "epochs", "passes", "ttt_steps", "eval_tokens"):
+    for name in ("max_new_tokens", "batch_size", "shard_size", "epochs", "passes", "ttt_steps", "eval_tokens",
+                 "answer_batch_size"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"vispec: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2

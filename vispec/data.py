@@ -20,6 +20,10 @@ A shard is written to a temporary name and renamed when complete, and carries th
 ids of its samples in its metadata, so an interrupted run resumes without losing or
 duplicating samples. Unreadable or missing images skip the sample, with the reason
 logged in ``skipped.jsonl``.
+
+At scale the hidden states of three layers cost terabytes: :class:`OnlineDataset`
+(``vispec train --online``) keeps only the answers' token ids on disk and lets the
+frozen target compute each record when training reads it.
 """
 from __future__ import annotations
 
@@ -157,6 +161,101 @@ class _ShardWriter:
         self.tensors, self.ids = {}, []
 
 
+def _prepare_tokenizer(processor):
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _load_images(batch: list[Sample], root: Path | None, out_dir: Path):
+    """(sample, RGB image or None) for the readable samples of ``batch``; the others are logged as skipped."""
+    from PIL import Image
+
+    loaded = []
+    for s in batch:
+        img = None
+        if s.image is not None:
+            p = (root / s.image) if root is not None else Path(s.image)
+            try:
+                with Image.open(p) as im:
+                    img = im.convert("RGB")
+            except Exception as e:  # missing, truncated, not an image: skip this sample, keep going
+                _log_skip(out_dir, s.id, f"image {p}: {type(e).__name__}: {e}")
+                continue
+        loaded.append((s, img))
+    return loaded
+
+
+def _groups(loaded):
+    """Image and text-only samples in separate groups (processors want all or none)."""
+    return [g for g in ([x for x in loaded if x[1] is not None], [x for x in loaded if x[1] is None]) if g]
+
+
+def _prompt_inputs(model, processor, adapter, group, suffix: str) -> dict:
+    texts = [build_prompt(processor, s, suffix, im is not None) for s, im in group]
+    kw = {"images": [im for _, im in group]} if group[0][1] is not None else {}
+    inputs = dict(processor(text=texts, padding=True, return_tensors="pt", **kw).to(model.device))
+    if "token_type_ids" not in adapter.inputs:  # tokenizers return it; only Gemma-3 takes it
+        inputs.pop("token_type_ids", None)
+    return inputs
+
+
+def sequence_records(adapter, inputs: dict, seqs: torch.Tensor, pad_id: int | None, feature_layers=None,
+                     prompt_embeds: torch.Tensor | None = None) -> list[dict]:
+    """The training records of rows ``seqs`` (B, P + T) = the prompts ``inputs`` (left-padded) + answers
+    (padding after EOS): ONE forward over prompt + answer (with the layer states of ``feature_layers``).
+
+    ``prompt_embeds``: the prompts' input embeddings as the target's prefill saw them (image features
+    merged); the forward then runs on embeddings (a generated image-token id stays a token). Without
+    them the forward takes the ids and the images, and the model merges the features itself.
+    """
+    p = inputs["input_ids"].shape[1]
+    full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seqs[:, p:])], 1)
+    if pad_id is not None:  # padding after EOS is not an answer: cut each row at its first pad after the prompt
+        for r in range(seqs.shape[0]):
+            tail = (seqs[r, p:] == pad_id).nonzero()
+            if len(tail):
+                full_mask[r, p + int(tail[0]) :] = 0
+    model_inputs = {k: v for k, v in inputs.items() if k in adapter.inputs}
+    for k in adapter.token_inputs & set(model_inputs):  # per-token inputs: answer tokens are text
+        model_inputs[k] = torch.cat([model_inputs[k], torch.zeros_like(seqs[:, p:]).to(model_inputs[k].dtype)], 1)
+    pos, _ = adapter.positions(seqs, full_mask, model_inputs)
+    if prompt_embeds is not None:
+        emb = torch.cat([prompt_embeds, adapter.embed(seqs[:, p:]).to(prompt_embeds.dtype)], 1)
+        per_token = {k: model_inputs[k] for k in adapter.token_inputs if k in model_inputs}  # e.g. Gemma-3's mask
+        kw = dict(inputs_embeds=emb, **per_token)
+    else:
+        kw = dict(input_ids=seqs, **model_inputs)
+    with adapter.capture_input_embeds() as box, adapter.capture_layers(feature_layers) as cap:
+        hidden = adapter.base(attention_mask=full_mask, position_ids=pos, **kw).last_hidden_state
+    emb = kw.get("inputs_embeds")
+    if emb is None:
+        emb = box.get("inputs_embeds")
+        emb = adapter.embed(seqs) if emb is None else emb
+    aux = None if cap is None else cap.features()
+    image_ids = adapter.image_token_ids()
+    out = []
+    for r in range(seqs.shape[0]):
+        keep = full_mask[r].bool()
+        ids = seqs[r][keep]
+        n_prompt = int(inputs["attention_mask"][r].sum())
+        loss = torch.zeros(len(ids), dtype=torch.uint8)
+        loss[n_prompt:] = 1
+        img_mask = torch.isin(ids.cpu(), torch.tensor(image_ids)) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
+        img_mask[n_prompt:] = False  # an image token id in the answer is just a token
+        out.append({
+            "input_ids": ids.cpu(),
+            "loss_mask": loss,
+            "image_mask": img_mask.to(torch.uint8),
+            "hidden": hidden[r][keep.to(hidden.device)].to(torch.bfloat16),
+            "image_embeds": emb[r][keep.to(emb.device)][img_mask.to(emb.device)].to(torch.bfloat16),
+            **({} if aux is None else {"aux_hidden": aux[r][keep.to(aux.device)].to(torch.bfloat16)}),
+        })
+    return out
+
+
 @torch.inference_mode()
 def generate_shards(
     model,
@@ -177,8 +276,6 @@ def generate_shards(
 
     Returns counts: {"written", "skipped", "already_done"}.
     """
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob("*.tmp"):
@@ -190,90 +287,29 @@ def generate_shards(
     writer = _ShardWriter(out_dir, shard_size, {"feature_layers": json.dumps(feature_layers)})
     root = Path(images_root) if images_root is not None else None
     adapter = adapter_for(model)
-    image_ids = adapter.image_token_ids()
-    embed = adapter.embed
     counts = {"written": 0, "skipped": 0, "already_done": len(samples) - len(todo)}
-    tok = getattr(processor, "tokenizer", processor)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok = _prepare_tokenizer(processor)
+    gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+    if temperature > 0:
+        gen_kw["temperature"] = temperature
     bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
     for start in range(0, len(todo), batch_size):
-        batch, images = [], []
-        for s in todo[start : start + batch_size]:
-            img = None
-            if s.image is not None:
-                p = (root / s.image) if root is not None else Path(s.image)
-                try:
-                    with Image.open(p) as im:
-                        img = im.convert("RGB")
-                except Exception as e:  # missing, truncated, not an image: skip this sample, keep going
-                    _log_skip(out_dir, s.id, f"image {p}: {type(e).__name__}: {e}")
-                    counts["skipped"] += 1
-                    bar.update(1)
-                    continue
-            batch.append(s)
-            images.append(img)
-        if not batch:
-            continue
-        # Image and text-only samples are processed in separate groups (processors want all or none).
-        for group in (
-            [(s, im) for s, im in zip(batch, images) if im is not None],
-            [(s, im) for s, im in zip(batch, images) if im is None],
-        ):
-            if not group:
-                continue
-            texts = [build_prompt(processor, s, suffix, im is not None) for s, im in group]
-            kw = {"images": [im for _, im in group]} if group[0][1] is not None else {}
-            inputs = processor(text=texts, padding=True, return_tensors="pt", **kw).to(model.device)
-            if "token_type_ids" not in adapter.inputs:  # tokenizers return it; only Gemma-3 takes it
-                inputs.pop("token_type_ids", None)
-            gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
-            if temperature > 0:
-                gen_kw["temperature"] = temperature
+        batch = todo[start : start + batch_size]
+        loaded = _load_images(batch, root, out_dir)
+        counts["skipped"] += len(batch) - len(loaded)
+        bar.update(len(batch) - len(loaded))
+        for group in _groups(loaded):
+            inputs = _prompt_inputs(model, processor, adapter, group, suffix)
             # The prefill's input embeddings (image features merged) are captured on the way: the
             # stored forward below reuses them instead of encoding the images again.
             with adapter.capture_input_embeds() as box:
                 seqs = model.generate(**inputs, **gen_kw)
-            p = inputs["input_ids"].shape[1]
-            full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seqs[:, p:])], 1)
-            # Padding after EOS is not an answer: cut each row at its first pad after the prompt.
-            pad = tok.pad_token_id
-            for r in range(seqs.shape[0]):
-                tail = (seqs[r, p:] == pad).nonzero()
-                if len(tail):
-                    full_mask[r, p + int(tail[0]) :] = 0
             prompt_emb = box.get("inputs_embeds")
-            if prompt_emb is None or prompt_emb.shape[1] != p:
-                prompt_emb = embed(inputs["input_ids"])
-            # Generated tokens are embedded as decoding embedded them (even an image token id the model
-            # happened to emit), so the forward goes through inputs_embeds, not placeholder detection.
-            emb = torch.cat([prompt_emb, embed(seqs[:, p:]).to(prompt_emb.dtype)], 1)
-            model_inputs = {k: v for k, v in inputs.items() if k in adapter.inputs}
-            for k in adapter.token_inputs & set(model_inputs):  # per-token inputs: answer tokens are text
-                model_inputs[k] = torch.cat([model_inputs[k], torch.zeros_like(seqs[:, p:]).to(model_inputs[k].dtype)], 1)
-            pos, _ = adapter.positions(seqs, full_mask, model_inputs)
-            per_token = {k: model_inputs[k] for k in adapter.token_inputs if k in model_inputs}  # e.g. Gemma-3's mask
-            with adapter.capture_layers(feature_layers) as cap:
-                hidden = adapter.base(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos,
-                                      **per_token).last_hidden_state
-            aux = None if cap is None else cap.features()
-            for r, (s, _) in enumerate(group):
-                keep = full_mask[r].bool()
-                ids = seqs[r][keep]
-                n_prompt = int(inputs["attention_mask"][r].sum())
-                loss = torch.zeros(len(ids), dtype=torch.uint8)
-                loss[n_prompt:] = 1
-                img_mask = torch.isin(ids.cpu(), torch.tensor(image_ids)) if image_ids else torch.zeros(len(ids), dtype=torch.bool)
-                img_mask[n_prompt:] = False  # an image token id in the answer is just a token
-                writer.add(s.id, {
-                    "input_ids": ids.cpu(),
-                    "loss_mask": loss,
-                    "image_mask": img_mask.to(torch.uint8),
-                    "hidden": hidden[r][keep].to(torch.bfloat16),
-                    "image_embeds": emb[r][keep][img_mask.to(emb.device)].to(torch.bfloat16),
-                    **({} if aux is None else {"aux_hidden": aux[r][keep.to(aux.device)].to(torch.bfloat16)}),
-                })
+            if prompt_emb is None or prompt_emb.shape[1] != inputs["input_ids"].shape[1]:
+                prompt_emb = adapter.embed(inputs["input_ids"])
+            for (s, _), rec in zip(group, sequence_records(adapter, inputs, seqs, tok.pad_token_id, feature_layers,
+                                                           prompt_embeds=prompt_emb)):
+                writer.add(s.id, rec)
                 counts["written"] += 1
                 bar.update(1)
     writer.flush()
@@ -319,3 +355,99 @@ class ShardDataset(torch.utils.data.Dataset):
             out = {n.split(".", 1)[1]: f.get_tensor(n) for n in names}
         out["id"] = sid
         return out
+
+
+class OnlineDataset(torch.utils.data.Dataset):
+    """Samples whose records the frozen target computes when training reads them (``vispec train
+    --online``): no hidden state is stored. The target answers every sample once, in batches, and the
+    answers' token ids are kept in ``work_dir/answers-<rank>-of-<world>.jsonl`` (appended per batch, so
+    an interrupted run resumes); each rank answers its share of the samples (rank r: every world-th one,
+    from the r-th) and then reads the others'. A record is what :func:`generate_shards` would store,
+    computed by one forward over prompt + answer (under bf16 autocast on a GPU).
+    """
+
+    def __init__(self, model, processor, samples: list[Sample], work_dir, images_root=None,
+                 suffix: str = LONG_ANSWER_SUFFIX, max_new_tokens: int = 1024, temperature: float = 0.0,
+                 batch_size: int = 4, feature_layers: list[int] | None = None, rank: int = 0, world: int = 1,
+                 progress: bool = True, wait_s: float = 2.0):
+        import time
+
+        self.model, self.processor, self.adapter = model, processor, adapter_for(model)
+        self.work = Path(work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.root = Path(images_root) if images_root is not None else None
+        self.suffix = suffix
+        self.feature_layers = list(feature_layers) if feature_layers else None
+        self.tok = _prepare_tokenizer(processor)
+        mine = self.work / f"answers-{rank}-of-{world}.jsonl"
+        answers = self._read(mine)
+        todo = [s for i, s in enumerate(samples) if i % world == rank and s.id not in answers]
+        gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                      **({"temperature": temperature} if temperature > 0 else {}))
+        bar = tqdm(total=len(todo), desc="answering", unit="sample", disable=not progress)
+        image_ids = set(self.adapter.image_token_ids())
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            loaded = _load_images(batch, self.root, self.work)
+            lines = [{"id": s.id, "skip": "unreadable image"} for s in batch if s not in [x[0] for x in loaded]]
+            for group in _groups(loaded):
+                inputs = _prompt_inputs(model, processor, self.adapter, group, suffix)
+                with torch.inference_mode():
+                    seqs = model.generate(**inputs, **gen_kw)
+                p = inputs["input_ids"].shape[1]
+                for r, (s, _) in enumerate(group):
+                    ans = seqs[r, p:].tolist()
+                    if self.tok.pad_token_id in ans:  # padding after EOS is not an answer
+                        ans = ans[: ans.index(self.tok.pad_token_id)]
+                    if image_ids & set(ans):  # a forward by ids would take it for an image placeholder
+                        lines.append({"id": s.id, "skip": "the answer holds an image placeholder id"})
+                    else:
+                        lines.append({"id": s.id, "answer": ans})
+            with open(mine, "a") as f:
+                f.write("".join(json.dumps(x) + "\n" for x in lines))
+            answers.update({x["id"]: x.get("answer") for x in lines})
+            bar.update(len(batch))
+        bar.close()
+        (self.work / f"answers-{rank}-of-{world}.done").touch()
+        while not all((self.work / f"answers-{r}-of-{world}.done").is_file() for r in range(world)):
+            time.sleep(wait_s)  # the other ranks' shares
+        for r in range(world):
+            answers.update(self._read(self.work / f"answers-{r}-of-{world}.jsonl"))
+        self.samples = [s for s in samples if answers.get(s.id)]
+        self.answers = {s.id: answers[s.id] for s in self.samples}
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        if not path.is_file():
+            return {}
+        out = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    x = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption: that sample is answered again
+                    continue
+                out[x["id"]] = x.get("answer")
+        return out
+
+    def __len__(self):
+        return len(self.samples)
+
+    def answer_tokens(self) -> list[list[int]]:
+        """Every sample's answer ids (what a draft vocabulary is chosen from), without any forward."""
+        return [self.answers[s.id] for s in self.samples]
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        (loaded,) = _load_images([s], self.root, self.work) or [None]
+        if loaded is None:
+            raise FileNotFoundError(f"sample {s.id}: its image {s.image} became unreadable after it was answered")
+        inputs = _prompt_inputs(self.model, self.processor, self.adapter, [loaded], self.suffix)
+        ans = torch.tensor([self.answers[s.id]], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+        seqs = torch.cat([inputs["input_ids"], ans], 1)
+        cuda = seqs.device.type == "cuda"
+        # no_grad, not inference_mode: the records feed the drafter's autograd graph.
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            rec = sequence_records(self.adapter, inputs, seqs, None, self.feature_layers)[0]
+        rec["id"] = s.id
+        return rec

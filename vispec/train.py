@@ -138,7 +138,10 @@ def answer_vocab(dataset, model, size: int) -> list[int]:
     from .drafters.eagle import EagleDrafter
     from .seq import eos_list
 
-    answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
+    if hasattr(dataset, "answer_tokens"):  # an OnlineDataset: its answers without a target forward each
+        answers = dataset.answer_tokens()
+    else:
+        answers = (r["input_ids"][r["loss_mask"].bool()] for r in dataset)
     return EagleDrafter.frequent_tokens(answers, size, always=eos_list(model.generation_config.eos_token_id))
 
 
