@@ -28,12 +28,16 @@ def vlm(request):
     return request.param, build(), make
 
 
+@pytest.mark.parametrize("gen", [2, 3], ids=["eagle2-head", "eagle3-head"])
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.drafter_type())
-def test_greedy_lossless_every_drafter(vlm, cls):
+def test_greedy_lossless_every_drafter(vlm, cls, gen):
+    """Every kind on both heads (HiViS with its step residuals) on every family."""
     name, model, make = vlm
     inputs = make([5, 9, 2], seed=21)
     ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    out = vispec.generate(model, cls.from_target(model, seed=1), **inputs, max_new_tokens=16, tree=TreeConfig(10, 3, 4))
+    extra = {"hivis_residuals": 2} if cls is vispec.HiViSDrafter else {}
+    d = cls.from_target(model, seed=1, generation=gen, **extra)
+    out = vispec.generate(model, d, **inputs, max_new_tokens=16, tree=TreeConfig(10, 3, 4))
     assert torch.equal(out.sequences, ref)
 
 
