@@ -323,11 +323,13 @@ def train(
     resume: bool = True,
     max_steps: int | None = None,
     progress: bool = True,
+    eval_every: int = 1,
 ) -> dict:
     """Trains ``drafter`` in place; checkpoints under out_dir/checkpoint-*/ (resumable), final in out_dir/final.
 
-    Returns {"steps", "tau_history": [(epoch, tau), ...], "last_loss"}. ``max_steps`` stops early
-    (after saving), which is how an interruption is simulated.
+    Returns {"steps", "tau_history": [(epoch, tau), ...], "last_loss"}: held-out tau after every
+    ``eval_every``-th epoch and the last. ``max_steps`` stops early (after saving), which is how an
+    interruption is simulated.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_linear_schedule_with_warmup
@@ -414,7 +416,7 @@ def train(
             break
         state["epoch"] += 1
         state["step_in_epoch"] = 0
-        if eval_inputs:
+        if eval_inputs and (state["epoch"] % eval_every == 0 or state["epoch"] == cfg.epochs):
             tau = evaluate_tau(model, core, eval_inputs, eval_tokens, tree)
             state["tau_history"].append((state["epoch"], tau))
             bar.set_postfix(loss=f"{last:.4f}" if last is not None else "-", tau=f"{tau:.2f}")

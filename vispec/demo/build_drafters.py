@@ -121,6 +121,8 @@ def main(argv=None):
                     help="instead: the fewest tokens covering this fraction of the (sampled) answers' tokens")
     ap.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image: num_q - 1 compressed tokens + 1 global feature")
     ap.add_argument("--eval-samples", type=int, default=6)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="held-out tau after every N-th epoch (0: after each stage's last only)")
     ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -184,7 +186,7 @@ def main(argv=None):
                 cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, seed=args.seed, log_every=20,
                                   ttt_steps=args.ttt_steps if gen == 3 else None)
                 res = train(model, drafter, dataset, cfg, run_dir / f"train-{name}" / f"stage{stage}", eval_inputs=held,
-                            eval_tokens=96, tree=tree)
+                            eval_tokens=96, tree=tree, eval_every=args.eval_every or epochs)
                 history += [[stage, e, t] for e, t in res["tau_history"]]
             drafter.save_pretrained(args.out / name, dtype=torch.bfloat16)
             summary[name] = history
