@@ -133,6 +133,26 @@ def test_zero_uniform_never_accepts_zero_probability(device):
     assert bonus.item() == 0  # u = 0 draws the first token of positive probability
 
 
+def test_last_kept_child_is_accepted_and_excluded_tokens_never_come_out(device):
+    """Issue 11, bug 1: 25 equally likely kept tokens (top_k=25 drops token 25), all of them the root's
+    children, acceptance uniforms 0.9999999. Each child is rejected until the last, which must be
+    accepted (its probability equals the mass left); in fp32 the masses summed below 1 and the CUDA
+    kernel rejected it, then returned token 25, which top-k had excluded."""
+    v, n = 26, 26
+    logits = torch.zeros(1, n, v)
+    logits[..., 25] = -10.0
+    tokens = torch.cat([torch.tensor([[3]]), torch.arange(25).view(1, 25)], 1)
+    parents = torch.tensor([[-1] + [0] * 25])
+    u = torch.full((1, n), 0.9999999, dtype=torch.float64)
+    u[0, 0] = 0.5  # the bonus's own uniform: token 12 of the 25
+    want = verify_sampling_ref(logits, tokens, parents, u, temperature=1.0, top_k=25, max_accept=1)
+    assert want[1].item() == 1 and want[0].tolist() == [[0, 25]] and want[2].item() == 12
+    got = ops.verify_sampling(logits.to(device), tokens.to(device), parents.to(device), temperature=1.0, top_k=25,
+                              max_accept=1, uniforms=u.to(device))
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
 def test_sampling_is_deterministic_per_seed(device):
     logits, tokens, parents = make_tree_batch(8, 16, 64, seeded("det"), hit_rate=0.8)
     args = (logits.to(device), tokens.to(device), parents.to(device))

@@ -46,7 +46,7 @@ constexpr int kMaxSearchPasses = 12;
 
 struct SampleSmem {
   unsigned uscratch[32 * (kCuts + 1) + (kCuts + 1)];  // block_sum_array<unsigned, 16> / block_allreduce
-  float fscratch[32 * (kCuts + 1) + (kCuts + 1)];     // block_sum_array<float, 16> / block_allreduce
+  double fscratch[32 * (kCuts + 1) + (kCuts + 1)];    // block_sum_array<double, 16> / block_allreduce (masses)
   unsigned long long u64scratch[32];
   double dscratch[32];
   double incl[kSampleThreads];  // inclusive scan of the per-thread chunk sums
@@ -135,8 +135,8 @@ __device__ int64_t block_sample(int64_t V, double u, RFn&& r, SampleSmem& sm) {
   if (c1 > V) c1 = V;
   double local = 0.0;
   for (int64_t x = c0; x < c1; ++x) {
-    const float rx = r(x);
-    if (rx > 0.0f) local += rx;  // also drops NaN
+    const double rx = r(x);
+    if (rx > 0.0) local += rx;  // also drops NaN
   }
   __syncthreads();  // earlier readers of sm.incl / sm.selected are done
   if (tid == 0) sm.selected = LLONG_MAX;
@@ -153,8 +153,8 @@ __device__ int64_t block_sample(int64_t V, double u, RFn&& r, SampleSmem& sm) {
     int64_t pick = -1;
     int64_t last = -1;
     for (int64_t x = c0; x < c1; ++x) {
-      const float rx = r(x);
-      if (rx > 0.0f) {
+      const double rx = r(x);
+      if (rx > 0.0) {
         last = x;
         run += rx;
         if (run > target) {
@@ -181,7 +181,7 @@ __device__ int64_t block_draw(int64_t V, double u, RFn&& r, SampleSmem& sm) {
   if (idx >= 0) return idx;
   unsigned long long best = 0;
   for (int64_t x = threadIdx.x; x < V; x += blockDim.x) {
-    const float rx = r(x);
+    const float rx = static_cast<float>(r(x));
     // Non-negative floats order like their bit patterns.
     const unsigned long long e = pack_key_index(rx > 0.0f ? __float_as_uint(rx) : 0u, x);
     best = e > best ? e : best;
@@ -195,7 +195,7 @@ __device__ int64_t block_draw(int64_t V, double u, RFn&& r, SampleSmem& sm) {
 // ---------------------------------------------------------------------------
 struct NodeDist {
   float max_s;      // max processed score s = logit / temperature
-  float z;          // sum of exp(s - max_s) over the kept set
+  double z;         // sum of exp(s - max_s) over the kept set (double, as the CPU op)
   uint32_t thresh;  // kept <=> key(s) >= thresh
   bool ok;          // false: no finite maximum (all NaN / -inf, or +inf present)
 };
@@ -270,7 +270,7 @@ __device__ NodeDist node_distribution(const T* row, int64_t V, float temperature
   kmin = block_allreduce(kmin, detail::MinOp(), sm.uscratch);
   const float max_s = key_to_float(kmax);
   d.max_s = max_s;
-  d.z = 1.0f;
+  d.z = 1.0;
   d.thresh = kmax;
   d.ok = V > 0 && isfinite(max_s);  // block-uniform
   if (!d.ok) return d;
@@ -288,33 +288,33 @@ __device__ NodeDist node_distribution(const T* row, int64_t V, float temperature
   }
   if (top_p < 1.0) {
     // Within the top-k set: kept <=> mass{y kept : s_y > s_x} < top_p (mass normalised
-    // over the top-k set, i.e. compared with top_p * Z_k; total = Z_k).
+    // over the top-k set, i.e. compared with top_p * Z_k; total = Z_k). Masses in double:
+    // the CPU op's precision, so both backends keep the same set.
     const uint32_t tk = t;
-    t = block_threshold_search<float>(
+    t = block_threshold_search<double>(
         row, V, tk, kmax,
         [&](float v, uint32_t& key) {
           const float s = processed_score(v, temperature);
           key = float_to_key(s);
-          return key >= tk ? expf(s - max_s) : 0.0f;
+          return key >= tk ? exp(static_cast<double>(s) - static_cast<double>(max_s)) : 0.0;
         },
-        [&](float mass, float z_k) { return static_cast<double>(mass) < top_p * static_cast<double>(z_k); },
-        sm.fscratch);
+        [&](double mass, double z_k) { return mass < top_p * z_k; }, sm.fscratch);
   }
   d.thresh = t;
-  float z = 0.0f;
+  double z = 0.0;
   block_row_for_each(row, V, [&](int64_t, float v) {
     const float s = processed_score(v, temperature);
-    if (float_to_key(s) >= t) z += expf(s - max_s);
+    if (float_to_key(s) >= t) z += exp(static_cast<double>(s) - static_cast<double>(max_s));
   });
   d.z = block_allreduce(z, detail::SumOp(), sm.fscratch);  // >= 1: the max is always kept
   return d;
 }
 
-// p(x) of the node; must match the passes above bit for bit (same expressions).
+// p(x) of the node in double, the CPU op's expression: exp(double(s) - max) / Z.
 template <typename T>
-__device__ __forceinline__ float token_prob(const T* row, int64_t x, const NodeDist& d, float temperature) {
+__device__ __forceinline__ double token_prob(const T* row, int64_t x, const NodeDist& d, float temperature) {
   const float s = processed_score(to_float(row[x]), temperature);
-  return float_to_key(s) >= d.thresh ? expf(s - d.max_s) / d.z : 0.0f;
+  return float_to_key(s) >= d.thresh ? exp(static_cast<double>(s) - static_cast<double>(d.max_s)) / d.z : 0.0;
 }
 
 __device__ __forceinline__ bool is_rejected(const SampleSmem& sm, int n_rej, int64_t x) {
@@ -361,16 +361,19 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sampling_kernel(const V
         for (int64_t j = cur + 1; j < N; ++j) {
           if (par[j] != cur) continue;  // parents outside [0, j) never match
           const int64_t t = tok[j];
-          float pt = 0.0f;  // out-of-range or already-rejected token: probability 0
+          double pt = 0.0;  // out-of-range or already-rejected token: probability 0
           if (t >= 0 && t < V && !is_rejected(sm, n_rej, t)) pt = token_prob(row, t, d, temp);
           const double u = uni[j];
-          if (pt > 0.0f && u * mass < static_cast<double>(pt)) {
+          // Masses and p in double, as the CPU op: the kept set's probabilities sum to 1 up to
+          // double rounding, so the last kept child is accepted unless u is within ~1e-15 of 1
+          // (in fp32 a sum below 1 left it rejectable with an empty residual).
+          if (pt > 0.0 && u * mass < pt) {
             next = j;
             break;
           }
           mass -= pt;
           if (mass < 0.0) mass = 0.0;  // rounding: keeps the test u * mass < p(t) meaningful
-          if (pt > 0.0f && n_rej < kMaxRejected) sm.rejected[n_rej++] = static_cast<int>(t);
+          if (pt > 0.0 && n_rej < kMaxRejected) sm.rejected[n_rej++] = static_cast<int>(t);
         }
         sm.n_rejected = n_rej;
         sm.next = next;
@@ -391,20 +394,18 @@ __global__ void __launch_bounds__(kSampleThreads) verify_sampling_kernel(const V
     bonus = block_draw(
         V, uni[0],
         [&](int64_t x) {
-          const float px = token_prob(row, x, d, temp);
-          return (px > 0.0f && is_rejected(sm, nr, x)) ? 0.0f : px;
+          const double px = token_prob(row, x, d, temp);
+          return (px > 0.0 && is_rejected(sm, nr, x)) ? 0.0 : px;
         },
         sm);
     if (bonus < 0) {
-      // Residual empty: the largest-probability non-rejected token (first index
-      // on ties), or the largest-probability token if every token was rejected.
+      // Residual empty (rounding only): the argmax of the processed target, first index on
+      // ties, as the CPU op. A token top-k / top-p excluded can never come out.
       unsigned long long best = 0;
-      for (int64_t x = tid; x < V; x += blockDim.x) {
-        const float px = token_prob(row, x, d, temp);
-        const uint32_t key = (is_rejected(sm, nr, x) ? 0u : 0x80000000u) | (px > 0.0f ? __float_as_uint(px) : 0u);
-        const unsigned long long e = pack_key_index(key, x);
+      block_row_for_each(row, V, [&](int64_t x, float v) {
+        const unsigned long long e = pack_key_index(float_to_key(processed_score(v, temp)), x);
         best = e > best ? e : best;
-      }
+      });
       best = block_allreduce(best, detail::MaxOp(), sm.u64scratch);
       bonus = unpack_index(best);  // V >= 1 here (d.ok)
     }

@@ -91,7 +91,10 @@ cudaError_t verify_greedy(const VerifyGreedyParams& p, cudaStream_t stream);
 // none, or max_accept is reached, the bonus token is drawn from the residual with
 // uniforms[b, 0]: the first token in index order whose running residual sum
 // exceeds uniforms[b, 0] * (residual total), among tokens of positive residual
-// probability (fallback: the largest-probability non-rejected token).
+// probability (fallback, reachable through rounding only: the argmax of the processed
+// target, first index on ties). p(x) = exp(double(s_x) - max) / Z and every mass,
+// Z and top-p comparison are in double on every backend, so the CPU op and the CUDA
+// kernel make the same decisions from the same uniforms.
 struct VerifySamplingParams {
   const void* logits;          // (B, N, V), dtype, contiguous
   const int64_t* draft_tokens; // (B, N)
