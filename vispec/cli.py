@@ -439,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.set_defaults(func=_train)
 
+    bn = sub.add_parser("bench", help="the benchmarks: kernels (op microbenchmarks), e2e (end to end), drafters",
+                        add_help=False)
+    bn.add_argument("suite", choices=["kernels", "e2e", "drafters"])
+    bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (vispec bench SUITE --help)")
+    bn.set_defaults(func=lambda a: __import__("vispec.bench", fromlist=["main"]).main(a.suite, a.rest))
+
     x = sub.add_parser("export", help="write a drafter in the layout SGLang or vLLM serve (EAGLE-2 / EAGLE-3 heads)")
     x.add_argument("--format", choices=["sglang", "vllm"], required=True)
     x.add_argument("--as-eagle-base", action="store_true",

@@ -12,7 +12,7 @@ For each image-token count N, in order, each step skipped when its output exists
    trains (or finishes) them there, checkpointed;
 2. drafters: ``python -m vispec.demo.build_drafters`` with identical settings for every N, once per
    seed (``--seeds`` for the largest N, ``--other-seeds`` for the others);
-3. benchmark: ``benchmarks/bench_e2e.py --suite demo --image-tokens N --drafters ...`` per seed (JSON);
+3. benchmark: ``vispec bench e2e --suite demo --image-tokens N --drafters ...`` per seed (JSON);
 4. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
    over seeds of tau and speedup per kind and temperature.
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             if not result.is_file():
                 if out_of_time():
                     break
-                run([py, "benchmarks/bench_e2e.py", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
+                run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
                      str(weights), "--drafters", str(drafters), "--out", str(work / f"bench-seed{seed}.md"),
                      "--json", str(result), *args.bench_args.split()])
     runs = {}

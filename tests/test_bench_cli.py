@@ -1,0 +1,33 @@
+"""vispec bench: the benchmarks ship with the package; the benchmarks/ scripts are thin wrappers."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vispec.bench import results_dir
+from vispec.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("suite", ["kernels", "e2e", "drafters"])
+def test_bench_suites_are_commands(suite, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", suite, "--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out
+    wrapper = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{suite}.py"), "--help"],
+                             capture_output=True, text=True, timeout=120)
+    assert wrapper.returncode == 0 and "usage" in wrapper.stdout
+
+
+def test_unknown_suite_and_results_folder(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "nope"])
+    assert e.value.code == 2
+    assert results_dir() == ROOT / "benchmarks" / "results"  # a source checkout keeps its results folder
+    import vispec.bench as vb
+
+    monkeypatch.setattr(vb, "__file__", str(tmp_path / "site" / "vispec" / "bench" / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    assert vb.results_dir() == tmp_path / "vispec-results"  # an installed package writes beside the user

@@ -1,0 +1,23 @@
+"""Benchmarks shipped with the package: ``vispec bench kernels | e2e | drafters [options]`` (the scripts
+under ``benchmarks/`` in a source checkout are thin wrappers of these modules)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SUITES = ("kernels", "e2e", "drafters")
+
+
+def results_dir() -> Path:
+    """Where result tables and plots go by default: the checkout's ``benchmarks/results`` when vispec runs
+    from a source tree, else ``./vispec-results`` (an installed package has no benchmarks folder)."""
+    repo = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return repo if repo.is_dir() else Path.cwd() / "vispec-results"
+
+
+def main(suite: str, argv: list[str]) -> int:
+    import importlib
+
+    if suite not in SUITES:
+        raise SystemExit(f"unknown benchmark {suite!r}; choose from {', '.join(SUITES)}")
+    rc = importlib.import_module(f"vispec.bench.{suite}").main(argv)
+    return int(rc or 0)

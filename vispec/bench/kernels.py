@@ -1,0 +1,332 @@
+"""Microbenchmarks of vispec's ops at the shapes of real VLMs.
+
+    vispec bench kernels          # CUDA if available, else CPU (reduced grid)
+    vispec bench kernels --full   # the whole grid, also on CPU (slow)
+    vispec bench kernels --device cpu --ops tree_attention
+
+Prints one markdown table per op and writes them to <results>/<device>.md.
+
+Bytes moved (the "bytes" column, counted once each, caches assumed cold):
+  tree_attention   q + out (2*B*N*Hq*D) + K and V of every visible position
+                   (2*B*Hkv*(prefix+N)*D), elements of the cache dtype (bf16).
+  verify_greedy    the whole logits tensor B*N*V (every row's argmax is needed).
+  verify_sampling  the logits rows the walk visits, B*(accepted+1)*V, once each (the
+                   top-k / top-p threshold passes re-read them from cache).
+  chain_sampling   per row, the residual row of p and q (2*V) plus scalars, fp32.
+  compact_kv       read + write of every moved entry: 2 * layers * 2(K,V) * B * Hkv *
+                   accepted * D (cost is independent of the prefix length).
+The roofline is the measured bandwidth of a large device-to-device copy on this
+machine, so "% roof" = achieved GB/s / copy GB/s.
+
+Baselines: "ref" is the pure-PyTorch reference of vispec.reference (vectorised
+where that is what a PyTorch user would write: greedy uses argmax + a vectorised
+tree walk, compaction uses per-layer advanced indexing); attention is also compared
+with SDPA given an explicit boolean mask. Python-loop references (sampling walks)
+are timed only where they finish in reasonable time, otherwise shown as "-".
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vispec import ops
+from vispec.reference import (
+    chain_speculative_sampling_ref,
+    tree_attention_ref,
+    verify_sampling_ref,
+)
+
+from vispec.bench import results_dir
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+
+
+MODELS = [
+    Model("LLaVA-1.6-7B", 32, 32, 128, 32064, 32),
+    Model("Qwen2.5-VL-7B", 28, 4, 128, 152064, 28),
+]
+TREE_DEPTH = {8: 3, 30: 4, 60: 6}  # depth of an EAGLE-2 style tree with N nodes
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, min_time=0.2, max_reps=200):
+    """Median seconds per call after a warm-up, repeated until min_time has passed."""
+    fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 3):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device):
+    """GB/s of a large copy (read + write), the practical memory roofline."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)  # 1 GiB / 256 MiB of fp32
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, min_time=0.5)
+    return 2 * n * 4 / t / 1e9
+
+
+def device_label(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu-" + (platform.processor() or platform.machine())
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = "cpu-" + line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+# ---------------------------------------------------------------------------
+# Baselines that a PyTorch user would write
+# ---------------------------------------------------------------------------
+def sdpa_with_mask(q, k, v, lens, tree_mask_bool):
+    b, n, hq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    pos = torch.arange(s, device=q.device)
+    rel = (pos.view(1, 1, s) - lens.view(b, 1, 1)).clamp(0, n - 1)
+    in_tree = (pos.view(1, 1, s) >= lens.view(b, 1, 1)) & (pos.view(1, 1, s) < lens.view(b, 1, 1) + n)
+    vis = (pos.view(1, 1, s) < lens.view(b, 1, 1)) | (in_tree & torch.gather(tree_mask_bool.expand(b, n, n), 2, rel.expand(b, n, s)))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=vis.unsqueeze(1), enable_gqa=hq != hkv
+    ).transpose(1, 2)
+
+
+def verify_greedy_torch(logits, tokens, parents, depth):
+    """argmax of every row + a vectorised walk (EAGLE style): no host sync per node."""
+    amax = logits.argmax(-1)  # (B, N)
+    par = parents.clamp(min=0)
+    match = tokens == torch.gather(amax, 1, par)  # node's token equals its parent's argmax
+    match[:, 0] = True
+    ok = torch.ones_like(match)
+    dep = torch.zeros_like(par)
+    anc = torch.arange(parents.shape[1], device=parents.device).expand_as(par)
+    for _ in range(depth):  # accepted iff the node and all its ancestors match
+        ok &= torch.gather(match, 1, anc)
+        dep += (anc != 0).long()
+        anc = torch.gather(par, 1, anc)
+    best = torch.where(ok, dep, -1).argmax(-1, keepdim=True)  # deepest accepted node
+    return best, torch.gather(amax, 1, best)
+
+
+def compact_kv_torch(k_caches, v_caches, lens, path, alen):
+    b = lens.shape[0]
+    p = path.shape[1]
+    rows = torch.arange(b, device=lens.device).unsqueeze(1).expand(b, p)
+    valid = torch.arange(p, device=lens.device).unsqueeze(0) <= alen.unsqueeze(1)
+    src = torch.where(valid, lens.unsqueeze(1) + path.clamp(min=0), lens.unsqueeze(1))
+    dst = torch.where(valid, lens.unsqueeze(1) + torch.arange(p, device=lens.device), lens.unsqueeze(1))
+    for c in (*k_caches, *v_caches):
+        moved = c[rows, :, src]  # gather first: overlapping ranges are safe
+        c[rows, :, dst] = moved
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------
+def fmt_t(t):
+    return "-" if t is None else (f"{t * 1e6:.1f}" if t < 1e-2 else f"{t * 1e6:.0f}")
+
+
+def row(model, b, n, prefix, t, nbytes, roof, ref=None, extra=None):
+    gbs = nbytes / t / 1e9
+    cells = [model, b, n, prefix, fmt_t(t), f"{nbytes / 1e6:.2f}", f"{gbs:.1f}", f"{100 * gbs / roof:.0f}%"]
+    cells += [fmt_t(ref), "-" if ref is None else f"{ref / t:.1f}x"]
+    if extra is not None:
+        cells += [fmt_t(extra), f"{extra / t:.1f}x"]
+    return cells
+
+
+def bench_tree_attention(m, b, n, prefix, device, args):
+    dtype = torch.bfloat16
+    s = prefix + n
+    q = torch.randn(b, n, m.q_heads, m.head_dim, device=device, dtype=dtype)
+    k = torch.randn(b, m.kv_heads, s, m.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    lens = torch.full((b,), prefix, dtype=torch.int64, device=device)
+    parents = torch.tensor([-1] + [max(0, (i - 1) // 4) for i in range(1, n)], device=device).expand(b, n)
+    mask_bool = ops.tree_mask_from_parents(parents[:1].contiguous())
+    mask = ops.pack_tree_mask(mask_bool)
+    e = 2
+    nbytes = 2 * b * n * m.q_heads * m.head_dim * e + 2 * b * m.kv_heads * s * m.head_dim * e
+    t = time_fn(lambda: ops.tree_attention(q, k, v, lens, mask), device)
+    ref = extra = None
+    if args.ref:
+        ref = time_fn(lambda: tree_attention_ref(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=5)
+        extra = time_fn(lambda: sdpa_with_mask(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=20)
+    return t, nbytes, ref, extra
+
+
+def make_verify_inputs(m, b, n, device, dtype=torch.bfloat16):
+    logits = torch.randn(b, n, m.vocab, device=device, dtype=dtype)
+    depth = TREE_DEPTH[n]
+    parents = torch.tensor([-1] + [max(0, (i - 1) // 4) for i in range(1, n)], device=device).expand(b, n).contiguous()
+    amax = logits.argmax(-1)
+    tokens = torch.gather(amax, 1, parents.clamp(min=0))  # every draft matches: longest walk
+    return logits, tokens, parents, depth
+
+
+def bench_verify_greedy(m, b, n, prefix, device, args):
+    logits, tokens, parents, depth = make_verify_inputs(m, b, n, device)
+    nbytes = logits.numel() * logits.element_size()
+    t = time_fn(lambda: ops.verify_greedy(logits, tokens, parents, depth), device)
+    ref = time_fn(lambda: verify_greedy_torch(logits, tokens, parents, depth), device) if args.ref else None
+    return t, nbytes, ref, None
+
+
+def bench_verify_sampling(m, b, n, prefix, device, args):
+    logits, tokens, parents, depth = make_verify_inputs(m, b, n, device)
+    logits.mul_(4)  # peaked rows, so drafts get accepted as in real decoding
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = dict(temperature=0.8, top_k=50, top_p=0.95, max_accept=depth)
+    path, alen, _ = ops.verify_sampling(logits, tokens, parents, generator=gen, **kw)
+    nbytes = int((alen + 1).sum()) * m.vocab * logits.element_size()
+    t = time_fn(lambda: ops.verify_sampling(logits, tokens, parents, generator=gen, **kw), device)
+    ref = None
+    if args.ref and b == 1 and m.vocab <= 40000:
+        u = torch.rand(b, n, dtype=torch.float64, device=device)
+        lc, tc, pc, uc = logits.cpu(), tokens.cpu(), parents.cpu(), u.cpu()
+        ref = time_fn(lambda: verify_sampling_ref(lc, tc, pc, uc, **kw), torch.device("cpu"), min_time=0.0, max_reps=1)
+    return t, nbytes, ref, None
+
+
+def bench_chain(m, b, n, prefix, device, args):
+    k = TREE_DEPTH[n]
+    q = torch.softmax(torch.randn(b, k, m.vocab, device=device), -1)
+    p = torch.softmax(torch.randn(b, k + 1, m.vocab, device=device), -1)
+    tokens = torch.randint(0, m.vocab, (b, k), device=device)
+    nbytes = b * 2 * m.vocab * 4
+    gen = torch.Generator(device=device).manual_seed(0)
+    t = time_fn(lambda: ops.chain_speculative_sampling(q, tokens, p, generator=gen), device)
+    ref = None
+    if args.ref and b == 1:
+        u = torch.rand(b, k + 1, dtype=torch.float64, device=device)
+        qc, tc, pc, uc = q.cpu(), tokens.cpu(), p.cpu(), u.cpu()
+        ref = time_fn(lambda: chain_speculative_sampling_ref(qc, tc, pc, uc), torch.device("cpu"), min_time=0.0, max_reps=3)
+    return t, nbytes, ref, None
+
+
+def bench_compact(m, b, n, prefix, device, args):
+    depth = TREE_DEPTH[n]
+    base = 64
+    s = base + n + 8
+    dtype = torch.bfloat16
+    buf = torch.randn(2, m.layers, b, m.kv_heads, s, m.head_dim, device=device, dtype=dtype)
+    kc = list(buf[0].unbind(0))
+    vc = list(buf[1].unbind(0))
+    lens = torch.full((b,), base, dtype=torch.int64, device=device)
+    # A path that skips nodes, so every accepted entry really moves: 0, 2, 4, ... (< N for every N used)
+    path = torch.arange(0, 2 * depth + 1, 2, device=device).expand(b, -1).contiguous()
+    alen = torch.full((b,), depth, dtype=torch.int64, device=device)
+    nbytes = 2 * m.layers * 2 * b * m.kv_heads * depth * m.head_dim * 2
+    t = time_fn(lambda: ops.compact_kv_(kc, vc, lens, path, alen), device)
+    ref = time_fn(lambda: compact_kv_torch(kc, vc, lens, path, alen), device) if args.ref else None
+    return t, nbytes, ref, None
+
+
+BENCHES = {
+    "tree_attention": (bench_tree_attention, True),
+    "verify_greedy": (bench_verify_greedy, False),
+    "verify_sampling": (bench_verify_sampling, False),
+    "chain_speculative_sampling": (bench_chain, False),
+    "compact_kv": (bench_compact, False),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true", help="the whole grid (default on CUDA)")
+    ap.add_argument("--ops", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    ap.add_argument("--no-ref", dest="ref", action="store_false", help="skip the baselines")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: the results folder, see vispec.bench.results_dir, /<device>.md)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not ops.cuda_built():
+        sys.exit("vispec was built without CUDA kernels; reinstall with VISPEC_CUDA=1")
+    full = args.full or device.type == "cuda"
+    batches = [1, 8, 32] if full else [1, 8]
+    prefixes = [1024, 4096] if full else [1024]
+    trees = [8, 30, 60]
+    roof = copy_bandwidth(device)
+    label = device_label(device)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    lines = [
+        f"# vispec kernel microbenchmarks on {label}",
+        "",
+        f"torch {torch.__version__}{threads}; memory roofline (measured copy) {roof:.1f} GB/s; "
+        f"grid: B {batches}, N {trees}, prefix {prefixes}; times in microseconds (median).",
+        "Bytes are counted as documented in vispec/bench/kernels.py; % roof compares with a DRAM copy, so it "
+        "exceeds 100% when the data moved stays in the caches (small compactions on a CPU).",
+        "",
+    ]
+    print("\n".join(lines))
+    for op in args.ops:
+        fn, has_extra = BENCHES[op]
+        header = ["model", "B", "N", "prefix", "vispec us", "MB", "GB/s", "% roof", "ref us", "vs ref"]
+        if has_extra:
+            header += ["SDPA+mask us", "vs SDPA"]
+        table = [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        print("\n".join(table))
+        grid = [(m, b, n, p) for m in MODELS for b in batches for n in trees for p in (prefixes if op == "tree_attention" else ["-"])]
+        for m, b, n, p in tqdm(grid, desc=op, file=sys.stderr, leave=False):
+            try:
+                t, nbytes, ref, extra = fn(m, b, n, p if p != "-" else 0, device, args)
+                cells = row(m.name, b, n, p, t, nbytes, roof, ref, extra if has_extra else None)
+            except torch.OutOfMemoryError:
+                cells = [m.name, b, n, p, "out of memory"] + [""] * (len(header) - 5)
+            line = "| " + " | ".join(str(c) for c in cells) + " |"
+            table.append(line)
+            tqdm.write(line, file=sys.stdout)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        lines += table + [""]
+    out = args.out or results_dir() / f"{label}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
