@@ -513,7 +513,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
     ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")
     ap.add_argument("--text-only", type=int, default=0, help="demo suite: text-only prompts")
-    ap.add_argument("--out", type=Path, default=None, help="demo suite: the result markdown (default in results/)")
+    ap.add_argument("--out", type=Path, default=None, help="the result markdown (default: e2e-<suite>-<device>.md in the results folder)")
     ap.add_argument("--json", type=Path, default=None, help="demo suite: also write tau / speedup per method as JSON")
     ap.add_argument("--max-depth", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -595,7 +595,7 @@ def main(argv=None):
                          f"{r['decode_speedup']:.2f}x | {100 * r['prefill_share']:.0f}% | {same} |")
         lines.append("")
         print("\n".join(lines[-len(rows) - 4 :]), flush=True)
-    out = results_dir() / f"e2e-{args.suite}-{label}.md"
+    out = args.out or results_dir() / f"e2e-{args.suite}-{label}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(all_rows, png, label)

@@ -278,6 +278,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--full", action="store_true", help="the whole grid (default on CUDA)")
+    ap.add_argument("--smoke", action="store_true", help="one small shape per model (CI: the script cannot rot)")
     ap.add_argument("--ops", nargs="*", default=list(BENCHES), choices=list(BENCHES))
     ap.add_argument("--no-ref", dest="ref", action="store_false", help="skip the baselines")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: the results folder, see vispec.bench.results_dir, /<device>.md)")
@@ -285,10 +286,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not ops.cuda_built():
         sys.exit("vispec was built without CUDA kernels; reinstall with VISPEC_CUDA=1")
-    full = args.full or device.type == "cuda"
-    batches = [1, 8, 32] if full else [1, 8]
-    prefixes = [1024, 4096] if full else [1024]
-    trees = [8, 30, 60]
+    full = (args.full or device.type == "cuda") and not args.smoke
+    batches = [1] if args.smoke else [1, 8, 32] if full else [1, 8]
+    prefixes = [128] if args.smoke else [1024, 4096] if full else [1024]
+    trees = [8] if args.smoke else [8, 30, 60]
     roof = copy_bandwidth(device)
     label = device_label(device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
