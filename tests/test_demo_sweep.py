@@ -30,3 +30,20 @@ def test_sweep_reports_what_is_there_and_says_it_is_unfinished(tmp_path, capsys)
     assert rc == 3  # 576 has no results yet
     assert (tmp_path / "r" / "demo-sweep-cpu.md").is_file() and (tmp_path / "r" / "demo-sweep-cpu.png").is_file()
     assert "2.00 (2.00-2.00, 1)" in capsys.readouterr().out
+
+
+def test_one_benchmark_over_all_seeds_splits_into_one_json_per_seed(tmp_path):
+    from vispec.demo.sweep import split_seeds
+
+    m = lambda tau, sp: {"tau": tau, "speedup": sp, "same": True}  # noqa: E731
+    res = {"image_tokens": 576, "prefill_frac": {"vispec@0": 0.1, "vispec@1": 0.2},
+           "results": {"0": {"plain": m(None, 1.0), "lookup": m(None, 0.9), "vispec@0": m(2.0, 1.5),
+                             "vispec@1": m(3.0, 1.9), "eagle-eagle3@1": m(2.5, 1.7)}}}
+    split_seeds(res, [4, 7], tmp_path)
+    s4 = json.loads((tmp_path / "bench-seed4.json").read_text())
+    s7 = json.loads((tmp_path / "bench-seed7.json").read_text())
+    assert s4["results"]["0"] == {"plain": m(None, 1.0), "lookup": m(None, 0.9), "vispec": m(2.0, 1.5)}
+    assert s7["results"]["0"]["vispec"] == m(3.0, 1.9) and s7["results"]["0"]["eagle-eagle3"] == m(2.5, 1.7)
+    assert s4["prefill_frac"] == {"vispec": 0.1} and s7["prefill_frac"] == {"vispec": 0.2}
+    agg = aggregate({576: [s4, s7]})
+    assert agg["0"]["vispec"][576]["tau"] == (2.5, 2.0, 3.0, 2)

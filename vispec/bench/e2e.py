@@ -220,14 +220,19 @@ def run_demo(args, device):
                                       image_tokens=args.image_tokens)
     model.to(device)
     tok = processor.tokenizer
-    if args.drafters:  # every drafter the folder holds, EAGLE-2 heads then EAGLE-3 heads
-        found = [k for k in drafter_names((2, 3)) if (args.drafters / k / "config.json").is_file()]
-        if not found:
-            raise SystemExit(f"{args.drafters} holds none of the demo drafters ({', '.join(drafter_names((2, 3)))})")
-        drafters = {k: load_drafter(args.drafters / k, model) for k in found}
+    if args.drafters:  # every drafter each folder holds, EAGLE-2 heads then EAGLE-3 heads
+        drafters, names = {}, {}
+        for i, folder in enumerate(args.drafters):
+            found = [k for k in drafter_names((2, 3)) if (folder / k / "config.json").is_file()]
+            if not found:
+                raise SystemExit(f"{folder} holds none of the demo drafters ({', '.join(drafter_names((2, 3)))})")
+            for k in found:  # several folders (training seeds): methods "<kind>@<folder index>"
+                key = k if len(args.drafters) == 1 else f"{k}@{i}"
+                drafters[key] = load_drafter(folder / k, model)
+                names[key] = drafter_label(k) + ("" if len(args.drafters) == 1 else f" [{folder.name}]")
     else:
         drafters = {k: load_demo_drafter(k, model) for k in DRAFTER_KINDS}
-    names = {k: drafter_label(k) for k in drafters}
+        names = {k: drafter_label(k) for k in drafters}
     tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
     for i in range(args.images):
@@ -297,11 +302,13 @@ def run_demo(args, device):
             vispec.generate(model, d, **inp, max_new_tokens=1, tree=tree)  # prefill + first token: no extend
             fr.append(float(d.state.lens[0]) / inp["input_ids"].shape[1])
         prefill_frac[k] = sum(fr) / max(len(fr), 1)
-    batched = run_demo_batches(model, processor, drafters, pairs, args, device, tree) if args.batches else {}
-    text_only = run_demo_text_only(model, processor, drafters, args, device, tree) if args.text_only else {}
+    # The secondary measurements (batches, text-only prompts, depth sweep) run on the first folder's drafters.
+    first = {k: d for k, d in drafters.items() if "@" not in k or k.endswith("@0")}
+    batched = run_demo_batches(model, processor, first, pairs, args, device, tree) if args.batches else {}
+    text_only = run_demo_text_only(model, processor, first, args, device, tree) if args.text_only else {}
     sweep = {}
     if args.depth_sweep:
-        for k, d in drafters.items():
+        for k, d in first.items():
             for depth in range(1, args.max_depth + 1):
                 pool = tree.top_k + (depth - 1) * tree.top_k ** 2
                 t = TreeConfig(min(tree.total_tokens, pool), depth, tree.top_k)
@@ -508,7 +515,9 @@ def main(argv=None):
     ap.add_argument("--depth-sweep", type=int, default=16, help="demo suite: prompts in the depth sweep (0: none)")
     ap.add_argument("--image-tokens", type=int, default=36, help="demo suite: the demo VLM's image tokens per image")
     ap.add_argument("--vision-weights", type=Path, default=None, help="demo suite: default the package's for --image-tokens")
-    ap.add_argument("--drafters", type=Path, default=None, help="demo suite: folder of <kind>/ drafters (default shipped)")
+    ap.add_argument("--drafters", type=Path, nargs="+", default=None,
+                    help="demo suite: folder(s) of <kind>/ drafters (default: the shipped ones); several folders "
+                         "(e.g. training seeds) run in one benchmark, model.generate and prompt lookup timed once")
     ap.add_argument("--prefill-pairs", type=int, default=10, help="demo suite: prompts measuring drafter prefill length")
     ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
     ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")

@@ -34,6 +34,24 @@ from .model import GEOMETRY, vision_weights_path, weights_metadata
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def split_seeds(res: dict, seeds: list[int], work: Path) -> None:
+    """A benchmark JSON over several seeds' drafters ("<kind>@<i>") -> bench-seed<seed>.json each, with the
+    shared baselines (plain, lookup) in every one."""
+    for i, seed in enumerate(seeds):
+        per = {}
+        for temp, methods in res["results"].items():
+            per[temp] = {}
+            for m, a in methods.items():
+                kind, _, at = m.partition("@")
+                if not at and len(seeds) > 1 and m not in ("plain", "lookup"):
+                    continue
+                if not at or int(at) == i:
+                    per[temp][kind] = a
+        pf = {k.partition("@")[0]: v for k, v in res.get("prefill_frac", {}).items()
+              if "@" not in k or int(k.partition("@")[2]) == i}
+        (work / f"bench-seed{seed}.json").write_text(json.dumps({**res, "results": per, "prefill_frac": pf}, indent=1))
+
+
 def method_label(method: str) -> str:
     return "HF prompt lookup" if method == "lookup" else drafter_label(method)
 
@@ -150,22 +168,28 @@ def main(argv=None) -> int:
             if run([py, "-m", "vispec.demo.train_vision", "--image-tokens", str(n), "--resume", "--out",
                     str(weights), "--bf16", *minutes]) == 3:
                 break
-        for seed in (args.seeds if n == biggest else args.other_seeds):
+        seeds = args.seeds if n == biggest else args.other_seeds
+        gens = args.generations if n == biggest else [2]
+        stopped = False
+        for seed in seeds:
             drafters = work / f"drafters-seed{seed}"
-            gens = args.generations if n == biggest else [2]
             if not all((drafters / k / "config.json").is_file() for k in drafter_names(gens)):
                 if out_of_time():
+                    stopped = True
                     break
                 run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(n),
                      "--vision-weights", str(weights), "--out", str(drafters), "--seed", str(seed),
                      "--generations", *map(str, gens), *args.build_args.split()])
-            result = work / f"bench-seed{seed}.json"
-            if not result.is_file():
-                if out_of_time():
-                    break
-                run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
-                     str(weights), "--drafters", str(drafters), "--out", str(work / f"bench-seed{seed}.md"),
-                     "--json", str(result), *args.bench_args.split()])
+        results = [work / f"bench-seed{seed}.json" for seed in seeds]
+        if stopped or all(r.is_file() for r in results) or out_of_time():
+            continue
+        # One benchmark run for every seed's drafters: model.generate and prompt lookup are timed once,
+        # each seed's drafters against the same baseline; then one JSON per seed.
+        combined = work / "bench-all-seeds.json"
+        run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
+             str(weights), "--drafters", *[str(work / f"drafters-seed{s}") for s in seeds],
+             "--out", str(work / "bench-all-seeds.md"), "--json", str(combined), *args.bench_args.split()])
+        split_seeds(json.loads(combined.read_text()), seeds, work)
     runs = {}
     for n in args.tokens:
         found = sorted((args.work / str(n)).glob("bench-seed*.json"))
