@@ -54,7 +54,7 @@ class DraftState:
     max_len: int
     last_hidden: torch.Tensor | None = None  # (B, H) output at each row's last committed input
     glob: torch.Tensor | None = None  # (B, H) ViSpec: each row's latest global image feature
-    glob_seq: torch.Tensor | None = None  # (B, T) -> H: ViSpec, training: the global feature at each prefill input
+    glob_seq: torch.Tensor | None = None  # (B, T, H) ViSpec: the global feature each prefill input saw (training)
 
 
 @dataclass
