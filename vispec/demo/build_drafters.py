@@ -19,6 +19,9 @@
    tracks held-out tau after every epoch.
 5. Saves each final drafter in bf16 under ``--out/<kind>/`` (EAGLE-3 heads: ``--out/<kind>-eagle3/``).
 
+Ablations (``--variant NAME`` keeps their checkpoints apart): ``--no-global-feature`` and ``--num-q`` for
+ViSpec, ``--hivis-residuals K``, ``--stage2 hivis`` and ``--select-topk`` for HiViS's parts.
+
 ``--generations 2 3`` trains every kind on both heads (EAGLE-2 and EAGLE-3: the shards then also hold the
 target's layer states EAGLE-3 reads) with the same data, epochs and learning rate; EAGLE-3 heads train
 with the training-time test (``--ttt-steps``) instead of the self-correction pass.
@@ -125,7 +128,18 @@ def main(argv=None):
                     help="held-out tau after every N-th epoch (0: after each stage's last only)")
     ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
     ap.add_argument("--seed", type=int, default=0)
+    # Ablations (same data; train under --work/seed-<seed>-<variant>/ so the main run's checkpoints stay apart).
+    ap.add_argument("--variant", default="", help="name of an ablation run (its own training folder)")
+    ap.add_argument("--no-global-feature", action="store_true", help="ViSpec without the global image feature")
+    ap.add_argument("--hivis-residuals", type=int, default=0,
+                    help="HiViS: step-dependent residual vectors (0: the plain text-only drafter)")
+    ap.add_argument("--stage2", choices=["vispec", "hivis"], default="vispec",
+                    help="second-stage objective: ViSpec's (10 x L1 + 0.1 x ListMLE) or HiViS's (multi-step "
+                         "self-feedback with dynamic data selection)")
+    ap.add_argument("--select-topk", type=int, default=None, help="--stage2 hivis: data selection top-k (0: off)")
     args = ap.parse_args(argv)
+    if args.hivis_residuals < 0 or (args.select_topk is not None and args.select_topk < 0):
+        ap.error("--hivis-residuals and --select-topk must be >= 0")
     if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1 or args.sampled < 0 \
             or args.stage2_epochs < 0:
         ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab, --sampled and --stage2-epochs >= 0")
@@ -169,22 +183,26 @@ def main(argv=None):
     print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}; "
           f"answer-token coverage {cover}", flush=True)
     summary = {"draft_vocab": len(vocab) if vocab else None, "coverage": cover}
-    run_dir = args.work / f"seed-{args.seed}"  # the data above is shared by every seed's training
+    # The data above is shared by every seed's (and ablation's) training.
+    run_dir = args.work / (f"seed-{args.seed}" + (f"-{args.variant}" if args.variant else ""))
     for gen in args.generations:
         for kind in args.kinds:
             name = drafter_dir_name(kind, gen)
-            extra = {"num_q": args.num_q} if kind == "vispec" else {}
+            extra = {"num_q": args.num_q, "global_feature": not args.no_global_feature} if kind == "vispec" else {}
+            if kind == "hivis" and args.hivis_residuals:
+                extra["hivis_residuals"] = args.hivis_residuals
             if gen == 3:
                 extra.update(generation=3, feature_layers=layers)
             drafter = DRAFTERS[kind].from_target(model, seed=args.seed, intermediate_size=args.intermediate_size, **extra)
             if vocab is not None:
                 drafter.set_draft_vocab(vocab)
             history = []
-            for stage, epochs in ((1, args.epochs), (2, args.stage2_epochs)):
+            for stage, epochs in ((1, args.epochs), (2 if args.stage2 == "vispec" else "hivis", args.stage2_epochs)):
                 if epochs == 0:
                     continue
                 cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, seed=args.seed, log_every=20,
-                                  ttt_steps=args.ttt_steps if gen == 3 else None)
+                                  ttt_steps=args.ttt_steps if gen == 3 and stage != "hivis" else None,
+                                  select_topk=args.select_topk if stage == "hivis" else None)
                 res = train(model, drafter, dataset, cfg, run_dir / f"train-{name}" / f"stage{stage}", eval_inputs=held,
                             eval_tokens=96, tree=tree, eval_every=args.eval_every or epochs)
                 history += [[stage, e, t] for e, t in res["tau_history"]]
