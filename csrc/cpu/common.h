@@ -34,9 +34,31 @@ int64_t argmax_row(const T* x, int64_t n) {
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = std::min(kChunk, n - c0);
     for (int64_t i = 0; i < m; ++i) buf[i] = static_cast<float>(x[c0 + i]);
+    // Independent lanes: an element-wise max the compiler turns into vector instructions (a single
+    // running max is a serial dependency chain it may not reorder, because of NaN and signed zeros). NaNs are
+    // flagged by a float sum of v * 0 (NaN for a NaN, also for an inf: a false alarm costs an exact scan).
+    constexpr int kLanes = 32;  // two AVX-512 vectors (four AVX2): enough independent chains to hide latency
+    float lane[kLanes];
+    float lane_nan[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] = -std::numeric_limits<float>::infinity();
+      lane_nan[j] = 0.0f;
+    }
+    int64_t i = 0;
+    for (; i + kLanes <= m; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = buf[i + j];
+        lane[j] = v > lane[j] ? v : lane[j];
+        lane_nan[j] += v * 0.0f;
+      }
+    }
     float cm = -std::numeric_limits<float>::infinity();
     int nan = 0;
-    for (int64_t i = 0; i < m; ++i) {
+    for (int j = 0; j < kLanes; ++j) {
+      cm = lane[j] > cm ? lane[j] : cm;
+      nan |= lane_nan[j] != lane_nan[j];
+    }
+    for (; i < m; ++i) {
       cm = buf[i] > cm ? buf[i] : cm;
       nan |= buf[i] != buf[i];
     }
