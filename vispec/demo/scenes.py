@@ -107,21 +107,29 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
     return img
 
 
-def score(answer: str, scene: Scene) -> tuple[int, int]:
-    """(facts stated correctly, facts in the scene). An object counts when "<colour> <shape>" appears;
-    its place when the phrase that follows it names the right place; the count when "<n> shape" appears."""
+def fact_checks(answer: str, scene: Scene) -> dict[str, list[int]]:
+    """Per kind of fact ("count", "object", "place", "word"): [stated correctly, in the scene]. An object
+    counts when "<colour> <shape>" appears; its place when the phrase that follows it names the right
+    place; the count when "<n> shape" appears."""
     a = answer.lower()
-    good = 0
+    out = {"count": [0, 1], "object": [0, 0], "place": [0, 0], "word": [0, 0]}
     n = len(scene.objects)
     if re.search(rf"\b{NUMBERS[n]} shapes?\b", a):
-        good += 1
+        out["count"][0] = 1
     for c, s, p in scene.objects:
+        out["object"][1] += 1
+        out["place"][1] += 1
         m = re.search(rf"\b{c} {s}\b(.{{0,30}})", a)
         if m:
-            good += 1
+            out["object"][0] += 1
             # "at the top" must not be read into "at the top left"
             if re.match(rf"\s*{re.escape(_at(p))}(?! (left|right))\b", m.group(1)):
-                good += 1
-    if scene.word and re.search(rf'word "?{scene.word}"?', a):
-        good += 1
-    return good, len(scene.facts())
+                out["place"][0] += 1
+    if scene.word:
+        out["word"] = [int(bool(re.search(rf'word "?{scene.word}"?', a))), 1]
+    return out
+
+
+def score(answer: str, scene: Scene) -> tuple[int, int]:
+    """(facts stated correctly, facts in the scene): :func:`fact_checks` summed."""
+    return sum(g for g, _ in fact_checks(answer, scene).values()), len(scene.facts())
