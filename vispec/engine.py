@@ -173,7 +173,6 @@ class Decoding:
     tree: TreeConfig
     cache: TreeCache
     state: object  # the adapter's per-request state (Prefill.state)
-    feature_layers: list[int] | None = None  # the target layers the drafter reads (None: the last hidden state)
 
     def step(self, done: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafts, verifies and commits one tree per row. Returns (tokens (B, depth + 1): the accepted
@@ -185,9 +184,8 @@ class Decoding:
         mask = ops.pack_tree_mask(ops.tree_mask_from_parents(dt.parents))
         pos = self.adapter.tree_positions(self.state, self.cache.lens, dt.depth)
         clock.lap("draft")
-        with self.adapter.capture_layers(self.feature_layers) as cap:
+        with self.adapter.capture_layers(getattr(self.drafter, "feature_layers", None)) as cap:
             h = self.adapter.tree_forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
-        f = h if cap is None else cap.features()  # what the drafter reads: last or (EAGLE-3) captured states
         logits = self.adapter.logits(h)  # (B, N, V): on the head's device (a model spread over devices)
         on = logits.device
         verified = self.sampler.verify(logits, DraftTree(dt.tokens.to(on), dt.parents.to(on), dt.depth),
@@ -199,8 +197,13 @@ class Decoding:
         # Accepted tokens then the bonus, per row: the first alen + 1 are valid.
         acc = torch.gather(dt.tokens, 1, path[:, 1:].clamp(min=0))
         out = torch.cat([acc, acc[:, :1]], 1).scatter_(1, alen.unsqueeze(1), bonus.unsqueeze(1))
-        idx = path.to(f.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, f.shape[-1])
-        feats = torch.gather(f, 1, idx).to(done.device)  # only the accepted rows move to the drafter's device
+        # What the drafter reads at the accepted nodes (the last hidden state, or EAGLE-3's captured layers);
+        # only those rows are gathered and move to the drafter's device.
+        if cap is None:
+            idx = path.to(h.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            feats = torch.gather(h, 1, idx).to(done.device)
+        else:
+            feats = cap.features(path.clamp(min=0)).to(done.device)
         self.drafter.extend(out, feats, torch.where(done, 0, alen + 1))
         return out, alen
 
@@ -283,7 +286,7 @@ def generate(
         if streamer is not None:
             streamer.put(req.input_ids.cpu())
         emitter.push([[t] for t in first.tolist()])
-        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state, layers)
+        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state)
         while not emitter.finished:
             tokens, alen = dec.step(emitter.done_t, clock)
             rows = torch.cat([tokens, alen.unsqueeze(1)], 1).tolist()  # the step's one host read

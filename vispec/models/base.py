@@ -58,11 +58,17 @@ class LayerCapture:
     def __init__(self, n: int):
         self.states: list[torch.Tensor | None] = [None] * n
 
-    def features(self) -> torch.Tensor:
+    def features(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The captured states concatenated (B, T, n * H) on the last one's device; ``index`` (B, K): only
+        those positions, gathered from each state before concatenating (a step keeps its accepted nodes)."""
         if any(t is None for t in self.states):
             raise RuntimeError("a captured decoder layer did not run in the forward")
         dev = self.states[-1].device
-        return torch.cat([t.to(dev) for t in self.states], -1)
+        parts = [t.to(dev) for t in self.states]
+        if index is not None:
+            idx = index.to(dev).unsqueeze(-1)
+            parts = [torch.gather(t, 1, idx.expand(-1, -1, t.shape[-1])) for t in parts]
+        return torch.cat(parts, -1)
 
 
 class Adapter:
