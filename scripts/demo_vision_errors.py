@@ -10,6 +10,7 @@ import torch
 from vispec.demo import EVAL_SEED, build_demo_vlm, prompt
 from vispec.demo.model import GEOMETRY, vision_weights_path
 from vispec.demo.scenes import fact_checks, make_scene
+from vispec.demo.model import scene_size
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     totals = {}
     wrong = []
     for i in range(0, args.scenes, 8):
-        scenes = [make_scene(random.Random(EVAL_SEED + j)) for j in range(i, min(args.scenes, i + 8))]
+        scenes = [make_scene(random.Random(EVAL_SEED + j), size=scene_size(model)) for j in range(i, min(args.scenes, i + 8))]
         enc = proc(text=[prompt(proc)] * len(scenes), images=[s.image for s in scenes], return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=64, do_sample=False)

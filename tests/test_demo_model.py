@@ -60,12 +60,37 @@ def test_reading_stage_targets_and_loss(demo):
     assert words.count("empty") == 24
     vocab = slot_vocab(proc.tokenizer)
     assert all(w in vocab[0] for w in words)
-    loss, acc = read_loss(model, proc, [s, make_scene(random.Random(3))], vocab, "cpu")
+    loss, acc, filled = read_loss(model, proc, [s, make_scene(random.Random(3))], vocab, "cpu")
     loss.backward()
-    assert torch.isfinite(loss) and 0.0 <= acc <= 1.0
+    assert torch.isfinite(loss) and 0.0 <= acc <= 1.0 and 0.0 <= filled <= 1.0
     assert any(p.grad is not None for p in model.model.vision_tower.parameters())
     assert model.model.language_model.embed_tokens.weight.grad is None  # the LM's rows are targets, not trained
     model.zero_grad(set_to_none=True)
+
+
+def test_reading_loss_weights_empty_cells(demo):
+    """empty_weight=1 is the plain mean over all slots; 0 the mean over the slots of occupied cells only."""
+    from vispec.demo.scenes import Scene, render
+    from vispec.demo.train_vision import EMPTY, read_loss, slot_vocab, slot_words
+
+    model, proc = demo
+    s = Scene([("red", "circle", "top left")], word="cat", word_place="center")
+    s.image = render(s)
+    vocab = slot_vocab(proc.tokenizer)
+    index = {w: i for i, w in enumerate(vocab[0])}
+    target = torch.tensor([index[w] for w in slot_words(s)])
+    with torch.no_grad():
+        pixels = proc.image_processor([s.image], return_tensors="pt")["pixel_values"]
+        feats = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output).float()[0]
+        rows = model.get_input_embeddings().weight[vocab[1]]
+        ce = torch.nn.functional.cross_entropy(feats @ rows.T, target, reduction="none")
+        mse = (feats - rows[target]).pow(2).sum(-1)
+        per_slot = ce + 0.1 * mse
+        filled = target != index[EMPTY]
+        full, only_filled = read_loss(model, proc, [s], vocab, "cpu", 1.0)[0], read_loss(model, proc, [s], vocab, "cpu", 0.0)[0]
+    torch.testing.assert_close(full, per_slot.mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(only_filled, per_slot[filled].mean(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(full, only_filled)
 
 
 def test_reading_targets_at_576_tokens_repeat_each_cells_words():
@@ -99,3 +124,31 @@ def test_train_vision_stops_at_its_time_limit_and_resumes_exactly(tmp_path):
     assert weights_metadata(out) == {"image_tokens": "36", "complete": "1"}
     with pytest.raises(SystemExit):  # the checkpoint is of another geometry: refused before any work
         main(base[2:] + ["--image-tokens", "576", "--resume"])
+
+
+def test_train_vision_init_fine_tunes_both_stages_from_given_weights(tmp_path):
+    """--init starts stage 1 and 2 from a weights file (not from random, not skipping stage 1); bad values of
+    --init and --empty-weight are refused before any work."""
+    from safetensors.torch import load_file
+
+    from vispec.demo.train_vision import main
+
+    first = tmp_path / "a.safetensors"
+    base = ["--image-tokens", "36", "--read-steps", "1", "--steps", "0", "--read-batch-size", "1", "--batch-size", "1",
+            "--eval", "0", "--save-every", "1"]
+    assert main(base + ["--read-lr", "0", "--out", str(first)]) == 0  # lr 0: the random start, saved
+    from safetensors.torch import save_file
+
+    moved = {k: v + 0.25 if v.is_floating_point() else v for k, v in load_file(str(first)).items()}
+    init = tmp_path / "init.safetensors"
+    save_file(moved, str(init), metadata={"image_tokens": "36"})
+    out = tmp_path / "b.safetensors"
+    assert main(base + ["--read-lr", "0", "--init", str(init), "--empty-weight", "0.2", "--out", str(out)]) == 0
+    ckpt = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)
+    assert (ckpt["stage"], ckpt["step"]) == ("1/2 read", 1)  # stage 1 ran; --steps 0 skipped stage 2
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], moved[k]) for k in moved)  # lr 0 from --init: its weights, not the random start
+    for bad in (["--init", str(tmp_path / "none.safetensors")], ["--empty-weight", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(base + ["--out", str(tmp_path / "d.safetensors")] + bad)
+    assert not (tmp_path / "d.safetensors").exists()

@@ -29,3 +29,26 @@ def test_score_counts_only_right_facts():
     t = Scene([("red", "circle", "top")])
     assert score("one shape: a red circle at the top left", t) == (2, 3)
     assert score("one shape: a red circle at the top.", t) == (3, 3)
+
+
+def test_scenes_drawn_at_any_size_show_the_same_content():
+    """A seed is one picture at every size: the 336-pixel drawing shrunk to 96 pixels is the 96-pixel one up to
+    anti-aliasing, and each shape's colour sits at its scaled centre."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from vispec.demo.scenes import COLORS
+
+    for seed in range(6):
+        small, big = make_scene(random.Random(seed)), make_scene(random.Random(seed), size=336)
+        assert big.description() == small.description() and big.image.size == (336, 336)
+        shrunk = np.asarray(big.image.resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
+        diff = np.abs(shrunk - np.asarray(small.image, dtype=np.float32)).mean()
+        assert diff < 12, diff  # a different layout would differ by far more (whole shapes misplaced)
+        for c, _, p in big.objects:
+            i = PLACES.index(p)
+            x, y = round(((i % 3) * 32 + 16) * 3.5), round(((i // 3) * 32 + 16) * 3.5)  # centre, up to the jitter
+            assert tuple(big.image.getpixel((x, y))) == COLORS[c]
+    with pytest.raises(ValueError, match="96 pixels or more"):
+        make_scene(random.Random(0), size=48)

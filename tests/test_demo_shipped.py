@@ -7,6 +7,7 @@ import torch
 import vispec
 from vispec.cli import main
 from vispec.demo import DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, load_demo_drafter, prompt
+from vispec.demo.model import scene_size
 from vispec.demo.scenes import make_scene, score
 from vispec.drafters import TreeConfig
 
@@ -16,8 +17,8 @@ def demo():
     return build_demo_vlm()
 
 
-def held_out(proc, n, offset=0):
-    scenes = [make_scene(random.Random(EVAL_SEED + offset + i)) for i in range(n)]
+def held_out(model, proc, n, offset=0):
+    scenes = [make_scene(random.Random(EVAL_SEED + offset + i), size=scene_size(model)) for i in range(n)]
     return scenes, [dict(proc(text=[prompt(proc, PROMPTS[i % len(PROMPTS)])], images=[s.image], return_tensors="pt"))
                     for i, s in enumerate(scenes)]
 
@@ -25,7 +26,7 @@ def held_out(proc, n, offset=0):
 def test_answers_depend_on_the_image(demo):
     """The shipped vision weights make the model describe held-out scenes mostly right (random ones: ~10%)."""
     model, proc = demo
-    scenes, inputs = held_out(proc, 8, offset=200)
+    scenes, inputs = held_out(model, proc, 8, offset=200)
     good = total = 0
     answers = set()
     for s, inp in zip(scenes, inputs):
@@ -44,7 +45,7 @@ def test_shipped_drafters_are_trained_and_lossless(demo, kind):
     d = load_demo_drafter(kind, model)
     assert d.drafter_type() == kind and d.config.draft_vocab_size > 0
     tree = TreeConfig(*DEMO_TREE)
-    _, inputs = held_out(proc, 3, offset=300)
+    _, inputs = held_out(model, proc, 3, offset=300)
     acc = steps = 0
     for inp in inputs:
         ref = model.generate(**inp, max_new_tokens=48, do_sample=False)

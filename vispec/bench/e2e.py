@@ -214,6 +214,7 @@ def run_demo(args, device):
                              load_demo_drafter, prompt)
     from vispec.demo.model import vision_weights_path
     from vispec.demo.scenes import make_scene, score
+    from vispec.demo.model import scene_size
     from vispec.drafters import load_drafter
 
     model, processor = build_demo_vlm(args.vision_weights or vision_weights_path(args.image_tokens),
@@ -236,7 +237,7 @@ def run_demo(args, device):
     tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
     for i in range(args.images):
-        scene = make_scene(random.Random(EVAL_SEED + i))
+        scene = make_scene(random.Random(EVAL_SEED + i), size=scene_size(model))
         q = PROMPTS[i % len(PROMPTS)]
         pairs.append((scene, q, processor(text=[prompt(processor, q)], images=[scene.image], return_tensors="pt").to(device)))
     max_new = args.max_new

@@ -43,7 +43,7 @@ import torch
 
 from . import (DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, DRAFTERS_DIR, EVAL_SEED, PROMPTS, build_demo_vlm,
                drafter_dir_name, prompt)
-from .model import GEOMETRY, vision_weights_path
+from .model import GEOMETRY, scene_size, vision_weights_path
 from .scenes import make_scene
 
 SAMPLED_DATA_SEED = DRAFT_DATA_SEED + 10**6  # scenes of the temperature-1 answers, apart from the greedy ones
@@ -81,15 +81,15 @@ def vocab_for_coverage(dataset, model, target: float) -> list[int]:
     return sorted(keep)
 
 
-def write_samples(folder: Path, n: int, seed0: int) -> Path:
-    """n scenes as PNGs + a LLaVA-style samples.json (prompt i cycles through PROMPTS)."""
+def write_samples(folder: Path, n: int, seed0: int, size: int) -> Path:
+    """n scenes drawn at ``size`` pixels as PNGs + a LLaVA-style samples.json (prompt i cycles through PROMPTS)."""
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        name = f"scene-{seed0 + i}.png"
+        name = f"scene-{seed0 + i}-{size}px.png"
         if not (images / name).is_file():
-            make_scene(random.Random(seed0 + i)).image.save(images / name)
+            make_scene(random.Random(seed0 + i), size=size).image.save(images / name)
         records.append({"id": f"scene-{seed0 + i}", "image": name,
                         "conversations": [{"from": "human", "value": "<image>\n" + PROMPTS[i % len(PROMPTS)]},
                                           {"from": "gpt", "value": ""}]})
@@ -160,7 +160,7 @@ def main(argv=None):
         if n == 0:
             continue
         folder = args.work / f"data-{name}"
-        samples_file = write_samples(folder, n, seed0)
+        samples_file = write_samples(folder, n, seed0, scene_size(model))
         torch.manual_seed(args.seed)  # sampled answers: reproducible
         counts = generate_shards(model, processor, load_samples(samples_file), args.work / f"shards-{name}",
                                  images_root=folder / "images", suffix=args.suffix, max_new_tokens=args.max_new_tokens,
@@ -171,7 +171,7 @@ def main(argv=None):
 
     held = []
     for i in range(args.eval_samples):  # held-out scenes past the benchmark's
-        scene = make_scene(random.Random(EVAL_SEED + 500 + i))
+        scene = make_scene(random.Random(EVAL_SEED + 500 + i), size=scene_size(model))
         text = prompt(processor, f"{PROMPTS[i % len(PROMPTS)]} {args.suffix}".strip())
         held.append(dict(processor(text=[text], images=[scene.image], return_tensors="pt")))
     tree = TreeConfig(*DEMO_TREE)

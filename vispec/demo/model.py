@@ -111,6 +111,12 @@ def image_tokens_of(model) -> int:
     return (vc.image_size // vc.patch_size) ** 2
 
 
+def scene_size(model) -> int:
+    """The pixel size scenes are drawn at for this demo VLM: its vision tower's input size (the
+    processor then only normalises; an upsampled small drawing would blur outlines across patches)."""
+    return model.config.vision_config.image_size
+
+
 def vision_state_dict(model) -> dict:
     """The trained part of the demo VLM: vision tower and projector."""
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()

@@ -1,7 +1,9 @@
 """Procedurally generated images with known content, for the offline demo VLM.
 
-A scene is a 96 x 96 picture of 1-3 coloured shapes in the cells of a 3 x 3 grid,
-optionally with a short word written in its free space. Its description names every
+A scene is a square picture (96 x 96 by default; drawn at the vision tower's input size, so
+that a 336-pixel tower sees sharp outlines rather than an upsampled 96-pixel image) of 1-3
+coloured shapes in the cells of a 3 x 3 grid, optionally with a short word written in its
+free space. Its content depends on the seed only, never on the size. Its description names every
 fact (how many shapes; each shape's colour, kind and place; the word), so a model's
 answer can be scored fact by fact.
 """
@@ -66,7 +68,7 @@ def _at(place: str) -> str:
     return "in the center" if place == "center" else f"at the {place}"
 
 
-def make_scene(rng: random.Random, with_word: float = 0.5) -> Scene:
+def make_scene(rng: random.Random, with_word: float = 0.5, size: int = SIZE) -> Scene:
     n = rng.randint(1, 3)
     cells = rng.sample(range(9), n + 1)
     objects = []
@@ -80,19 +82,24 @@ def make_scene(rng: random.Random, with_word: float = 0.5) -> Scene:
         objects.append((c, s, PLACES[cell]))
     word = rng.choice(WORDS) if rng.random() < with_word else None
     scene = Scene(objects, word, PLACES[cells[n]] if word else None)
-    scene.image = render(scene, rng)
+    scene.image = render(scene, rng, size)
     return scene
 
 
-def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
+def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE) -> Image.Image:
+    """The scene drawn at size x size pixels. Every length is the 96-pixel layout's times size / 96 and
+    the random draws are the same at every size, so one seed is one picture at any resolution."""
+    if size < SIZE:
+        raise ValueError(f"scenes are drawn at {SIZE} pixels or more, not {size}")
     rng = rng or random.Random(0)
-    img = Image.new("RGB", (SIZE, SIZE), (245, 245, 245))
+    k = size / SIZE
+    img = Image.new("RGB", (size, size), (245, 245, 245))
     d = ImageDraw.Draw(img)
-    cell = SIZE // 3
+    cell = SIZE // 3  # lengths below are in the 96-pixel layout, scaled by k when drawn
     for c, s, p in scene.objects:
         i = PLACES.index(p)
         cx, cy = (i % 3) * cell + cell // 2 + rng.randint(-2, 2), (i // 3) * cell + cell // 2 + rng.randint(-2, 2)
-        r = rng.randint(10, 13)
+        cx, cy, r = round(cx * k), round(cy * k), round(rng.randint(10, 13) * k)
         box = (cx - r, cy - r, cx + r, cy + r)
         if s == "circle":
             d.ellipse(box, fill=COLORS[c])
@@ -102,8 +109,8 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[c])
     if scene.word:
         i = PLACES.index(scene.word_place)
-        font = ImageFont.load_default(size=14)
-        d.text(((i % 3) * cell + 3, (i // 3) * cell + 8), scene.word, fill=(0, 0, 0), font=font)
+        font = ImageFont.load_default(size=round(14 * k))
+        d.text((round(((i % 3) * cell + 3) * k), round(((i // 3) * cell + 8) * k)), scene.word, fill=(0, 0, 0), font=font)
     return img
 
 

@@ -3,6 +3,8 @@
     python -m vispec.demo.train_vision --out vispec/demo/weights/vision.safetensors   # ~25 min on 2 CPU cores
     python -m vispec.demo.train_vision --image-tokens 576 --resume \
         --out vispec/demo/weights/vision-576.safetensors                              # hours: run it in chunks
+    python -m vispec.demo.train_vision --image-tokens 576 --init OLD.safetensors --empty-weight 0.2 --resume \
+        --out vispec/demo/weights/vision-576.safetensors                              # fine-tune both stages
 
 Two stages, because a frozen LM given 36 random image embeddings learns to ignore them
 (it settles on one fixed description: that was the outcome of training on the
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .model import GEOMETRY, WEIGHTS, build_demo_vlm, image_tokens_of, prompt, vision_state_dict
+from .model import GEOMETRY, WEIGHTS, build_demo_vlm, image_tokens_of, prompt, scene_size, vision_state_dict
 from . import EVAL_SEED
 from .scenes import PLACES, make_scene, score
 
@@ -78,8 +80,10 @@ def slot_vocab(tok) -> tuple[list[str], torch.Tensor]:
     return words, torch.tensor(ids)
 
 
-def read_loss(model, processor, scenes, vocab, device):
-    """(loss, slot accuracy) of stage 1: image embeddings vs the LM's embedding rows of their slot words."""
+def read_loss(model, processor, scenes, vocab, device, empty_weight: float = 1.0):
+    """(loss, slot accuracy, accuracy over the slots of occupied cells) of stage 1: image embeddings vs
+    the LM's embedding rows of their slot words. ``empty_weight`` < 1 down-weights the slots of empty
+    cells (about 3/4 of all, and trivial), so the loss is about the shapes and words."""
     words, ids = vocab
     index = {w: i for i, w in enumerate(words)}
     n = image_tokens_of(model)
@@ -88,10 +92,12 @@ def read_loss(model, processor, scenes, vocab, device):
     feats = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output).float()  # (B, n, hidden)
     rows = model.get_input_embeddings().weight[ids.to(device)].detach()  # (V_slot, hidden)
     logits = feats @ rows.T  # what the tied lm_head would score, restricted to the slot words
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-    mse = (feats - rows[target]).pow(2).sum(-1).mean()
-    acc = (logits.argmax(-1) == target).float().mean()
-    return ce + 0.1 * mse, float(acc)
+    filled = target != index[EMPTY]
+    w = torch.where(filled, 1.0, empty_weight)  # (B, n)
+    ce = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none") * w.flatten()).sum()
+    mse = ((feats - rows[target]).pow(2).sum(-1) * w).sum()
+    hit = logits.argmax(-1) == target
+    return (ce + 0.1 * mse) / w.sum(), float(hit.float().mean()), float(hit[filled].float().mean())
 
 
 def batch_for(processor, scenes, device):
@@ -115,7 +121,7 @@ def evaluate(model, processor, n: int = 40, max_new_tokens: int = 64) -> float:
     model.eval()
     good = total = 0
     for i in range(0, n, 8):
-        scenes = [make_scene(random.Random(EVAL_SEED + j)) for j in range(i, min(n, i + 8))]
+        scenes = [make_scene(random.Random(EVAL_SEED + j), size=scene_size(model)) for j in range(i, min(n, i + 8))]
         enc = processor(text=[prompt(processor)] * len(scenes), images=[s.image for s in scenes], return_tensors="pt",
                         padding=True).to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
@@ -135,12 +141,16 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--read-weight", type=float, default=0.5, help="stage 1 loss kept in stage 2, times this")
+    ap.add_argument("--empty-weight", type=float, default=1.0,
+                    help="weight of the empty cells' slots in the stage 1 loss (< 1: the loss is about shapes and words)")
     ap.add_argument("--bf16", action="store_true", help="stage 2 forward/backward under bfloat16 autocast")
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--eval", type=int, default=48, help="held-out scenes scored after each stage")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint beside --out (without one: from the weights at --out, skipping stage 1)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start both stages from these vision weights (a fine-tuning run: e.g. with a new --empty-weight)")
     ap.add_argument("--max-minutes", type=float, default=0, help="> 0: stop after the first checkpoint past this time")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -149,12 +159,17 @@ def main(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be >= {1 if name in ('save_every', 'batch_size', 'read_batch_size') else 0}")
     ckpt_path = args.out.with_suffix(".ckpt.pt")
     ckpt = torch.load(ckpt_path, weights_only=False) if args.resume and ckpt_path.is_file() else None
+    if not 0 <= args.empty_weight <= 1:
+        ap.error("--empty-weight must be in [0, 1]")
+    if args.init is not None and not args.init.is_file():
+        ap.error(f"--init {args.init}: no such vision weights file")
     if ckpt is not None and ckpt["image_tokens"] != args.image_tokens:
         ap.error(f"{ckpt_path} is a run with {ckpt['image_tokens']} image tokens, not {args.image_tokens}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
-    start_weights = args.out if args.resume and ckpt is None and args.out.is_file() else None
-    model, processor = build_demo_vlm(start_weights, image_tokens=args.image_tokens)
+    # --resume without a checkpoint continues from the weights at --out (stage 2 only), unless --init says where to start
+    start_weights = args.out if args.resume and ckpt is None and args.init is None and args.out.is_file() else None
+    model, processor = build_demo_vlm(start_weights or args.init, image_tokens=args.image_tokens)
     model.to(device)
     for p in model.model.language_model.parameters():
         p.requires_grad_(False)
@@ -186,10 +201,12 @@ def main(argv=None):
         os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
 
     def scenes(n):
-        return [make_scene(random.Random(rng.randrange(EVAL_SEED))) for _ in range(n)]
+        return [make_scene(random.Random(rng.randrange(EVAL_SEED)), size=scene_size(model)) for _ in range(n)]
 
     def run(stage, steps, lr, loss_fn) -> bool:
         """Runs (or finishes) one stage; False if --max-minutes stopped it at a checkpoint."""
+        if steps == 0:
+            return True
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
@@ -225,8 +242,8 @@ def main(argv=None):
         return True
 
     def read_step():
-        loss, acc = read_loss(model, processor, scenes(args.read_batch_size), vocab, device)
-        return loss, {"slot_acc": f"{acc:.2f}"}
+        loss, acc, filled = read_loss(model, processor, scenes(args.read_batch_size), vocab, device, args.empty_weight)
+        return loss, {"slot_acc": f"{acc:.2f}", "filled": f"{filled:.2f}"}
 
     def describe_step():
         batch = scenes(args.batch_size)
@@ -235,7 +252,7 @@ def main(argv=None):
             lm = model(**inputs, labels=labels).loss
             loss = lm
             if args.read_weight:
-                rl, acc = read_loss(model, processor, batch, vocab, device)
+                rl, _, _ = read_loss(model, processor, batch, vocab, device, args.empty_weight)
                 loss = lm + args.read_weight * rl
         return loss, {"lm": f"{float(lm.detach()):.3f}"}
 
