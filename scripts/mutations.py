@@ -74,13 +74,16 @@ MUTATIONS = [
              "if len(self.tokens[r]) >= self.max_new:", ENGINE, "generation runs past EOS"),
     Mutation("one-token-too-many", "vispec/engine.py", "len(self.tokens[r]) >= self.max_new:",
              "len(self.tokens[r]) > self.max_new:", ENGINE, "max_new_tokens + 1 tokens"),
-    Mutation("reuse-uniform", "csrc/cpu/verify.cpp", "sample_inverse_cdf(V, uni[b * N], residual)",
-             "sample_inverse_cdf(V, uni[b * N + std::max<int64_t>(cur, 1)], residual)",
+    Mutation("reuse-uniform", "csrc/cpu/verify.cpp", "sample_residual(dist, uni[b * N], rejected)",
+             "sample_residual(dist, uni[b * N + std::max<int64_t>(cur, 1)], rejected)",
              ("tests/test_verify.py", "-k", "distribution or law or sampling"),
              "the bonus reuses an acceptance coin"),
     Mutation("no-renormalisation", "csrc/cpu/verify.cpp", "mass = std::max(mass - p, 0.0);", "mass = 1.0;",
              ("tests/test_verify.py", "-k", "distribution or law or sampling"),
              "rejection without renormalising the residual"),
+    Mutation("skip-tied-chunks", "csrc/cpu/verify.cpp", "if (!(chunk_max[c] >= floor) || chunk_max[c] == kNegInf) continue;",
+             "if (!(chunk_max[c] > floor) || chunk_max[c] == kNegInf) continue;",
+             ("tests/test_verify.py", "-k", "sampling"), "the survivor scan drops chunks whose maximum ties the top-k value"),
 ]
 
 

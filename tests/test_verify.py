@@ -101,6 +101,28 @@ def test_verify_sampling_matches_reference(device, dtype, v, cfg):
     assert got[1].sum() > 0, "the test should exercise acceptances"
 
 
+@pytest.mark.parametrize("cfg", [dict(top_k=7), dict(top_k=200, top_p=0.9), dict(top_k=3000), dict(top_p=0.5),
+                                 dict(temperature=0.05, top_k=40)], ids=str)
+def test_verify_sampling_ties_nan_and_chunk_edges_match_reference(device, cfg):
+    """Logits on a coarse grid (ties at the k-th value spread over many 64-token chunks), NaN and -inf entries,
+    rows with fewer finite values than k, a vocabulary that is no multiple of the chunk: the chunk-skipping
+    top-k and survivor scan of the CPU op must give the reference's decisions exactly."""
+    gen = seeded("ties", tuple(cfg.items()))
+    b, n, v = 3, 16, 4001
+    logits, tokens, parents = make_tree_batch(b, n, v, gen, hit_rate=0.8)
+    logits = (logits * 2).round() / 2  # few distinct values: long runs of ties
+    logits.scatter_add_(2, logits.argmax(-1, keepdim=True), torch.full((b, n, 1), 6.0))
+    logits[0, :, 100:160] = float("nan")
+    logits[1, :, ::3] = float("-inf")
+    logits[2, 5, :] = float("-inf")
+    logits[2, 5, 4000] = 1.0  # one finite value, in the last partial chunk
+    uniforms = torch.rand(b, n, dtype=torch.float64, generator=gen)
+    got = ops.verify_sampling(logits.to(device), tokens.to(device), parents.to(device), uniforms=uniforms.to(device), **cfg)
+    want = verify_sampling_ref(logits, tokens, parents, uniforms, **cfg)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
 def test_processed_distribution_matches_transformers():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 

@@ -18,21 +18,10 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The extension is built for baseline x86-64 (SSE2); the row scans are cloned for AVX-512 and AVX2 and the
-// best one the CPU runs is picked at load time (GCC function multi-versioning), so a logits row is read at
-// memory speed instead of SSE speed. Same code and results on every clone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VISPEC_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VISPEC_CPU_CLONES
-#endif
-
-VISPEC_CPU_CLONES int64_t argmax_f32(const float* x, int64_t n) { return argmax_row(x, n); }
-VISPEC_CPU_CLONES int64_t argmax_f16(const at::Half* x, int64_t n) { return argmax_row(x, n); }
-VISPEC_CPU_CLONES int64_t argmax_bf16(const at::BFloat16* x, int64_t n) { return argmax_row(x, n); }
-int64_t fast_argmax(const float* x, int64_t n) { return argmax_f32(x, n); }
-int64_t fast_argmax(const at::Half* x, int64_t n) { return argmax_f16(x, n); }
-int64_t fast_argmax(const at::BFloat16* x, int64_t n) { return argmax_bf16(x, n); }
+template <typename T>
+int64_t fast_argmax(const T* x, int64_t n) {
+  return argmax_row(x, n);  // common.h: AVX-512 when the CPU has it
+}
 
 // ---------------------------------------------------------------------------
 // Greedy
@@ -90,65 +79,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tenso
 // ---------------------------------------------------------------------------
 // Processed target distribution of one node (temperature, top-k, top-p)
 // ---------------------------------------------------------------------------
-// p(x) = [s_x >= thr] * exp(s_x - max) / Z with s = logit / temperature; the
-// scalars (max, thr, Z) describe it completely, as in the CUDA kernel.
+// One vectorised pass over the logits row finds the maximum of every chunk of kScanChunk values;
+// top-k and the survivor list then visit only the chunks whose maximum can matter (with top-k 50 of
+// 152k, a few hundred of ~2400), so a node costs about one read of its logits. s(x) = logit / T with
+// NaN -> -inf is recomputed where needed (the same expression each time). Division by T > 0 is
+// monotonic, so a chunk's maximum of s is its maximum logit / T. The scalars are those of the CUDA
+// kernel: p(x) = [s_x >= thr] exp(s_x - max) / Z.
+template <typename T>
 struct NodeDist {
-  std::vector<float> s, scratch;
+  const T* row = nullptr;
+  int64_t V = 0;
+  float temperature = 1.0f;
+  std::vector<float> chunk_max, sorted;
+  std::vector<int64_t> keep;  // tokens with s >= thr and s > -inf, in index order (the inverse CDF's order)
+  std::vector<float> keep_v;  // their s
+  std::vector<double> w;      // exp(s - max) of each kept token
   float max = kNegInf, thr = kNegInf;
   double Z = 0.0;
   bool valid = false;  // false when no logit is finite (NaN or -inf everywhere)
 
-  // O(V) plus a sort of the top-k survivors when top-p is on (of all V only without top-k).
-  template <typename T>
-  void build(const T* row, int64_t V, float temperature, int64_t top_k, double top_p) {
-    s.resize(V);
-    float mx = kNegInf;
-    for (int64_t x = 0; x < V; ++x) {
-      const float v = static_cast<float>(row[x]) / temperature;  // division, as HF's temperature warper
-      s[x] = std::isnan(v) ? kNegInf : v;
-      mx = std::max(mx, s[x]);
-    }
-    max = mx;
-    valid = std::isfinite(mx);
+  float s(int64_t x) const {
+    const float v = static_cast<float>(row[x]) / temperature;  // division, as HF's temperature warper
+    return v == v ? v : kNegInf;
+  }
+
+  void build(const T* row_, int64_t V_, float temperature_, int64_t top_k, double top_p) {
+    row = row_;
+    V = V_;
+    temperature = temperature_;
+    const int64_t chunks = (V + kScanChunk - 1) / kScanChunk;
+    chunk_max.resize(chunks);
+    const float raw_max = row_scan(row, V, chunk_max.data()).max;
+    for (float& m : chunk_max) m /= temperature;  // -inf stays -inf
+    max = raw_max / temperature;
+    valid = std::isfinite(max);
     thr = kNegInf;
+    keep.clear();
+    w.clear();
+    Z = 0.0;
     if (!valid) return;
     // top-k keeps x iff fewer than k tokens score strictly higher: ties at the k-th value all stay.
+    // The k-th largest chunk maximum is a lower bound of the k-th largest value (k chunks hold a value
+    // at least that large), so only chunks whose maximum reaches it can hold a kept token: about k chunks.
+    float floor = kNegInf;
+    if (top_k > 0 && top_k < V && top_k <= chunks) {
+      sorted.assign(chunk_max.begin(), chunk_max.end());
+      std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+      floor = sorted[top_k - 1];
+    }
+    gather(chunks, floor);
     if (top_k > 0 && top_k < V) {
-      scratch.assign(s.begin(), s.end());
-      std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-      thr = scratch[top_k - 1];
+      if (static_cast<int64_t>(keep.size()) >= top_k) {  // else fewer than k finite values: all stay
+        sorted.assign(keep_v.begin(), keep_v.end());
+        std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+        thr = sorted[top_k - 1];
+        narrow();
+      }
     }
     if (top_p < 1.0) {
-      scratch.clear();
-      for (int64_t x = 0; x < V; ++x)
-        if (s[x] >= thr) scratch.push_back(s[x]);
-      std::sort(scratch.begin(), scratch.end(), std::greater<float>());
+      sorted.assign(keep_v.begin(), keep_v.end());
+      std::sort(sorted.begin(), sorted.end(), std::greater<float>());
       double zk = 0.0;
-      for (float v : scratch) zk += std::exp(double(v) - max);
+      for (float v : sorted) zk += std::exp(double(v) - max);
       // top-p keeps x iff the mass strictly above x is < top_p (HF: ascending cumsum > 1 - top_p).
       double above = 0.0;
-      float last_kept = scratch[0];
-      const int64_t m = static_cast<int64_t>(scratch.size());
+      float last_kept = sorted[0];
+      const int64_t m = static_cast<int64_t>(sorted.size());
       for (int64_t i = 0; i < m && above < top_p;) {
-        const float v = scratch[i];
+        const float v = sorted[i];
         last_kept = v;
         int64_t j = i;
-        while (j < m && scratch[j] == v) ++j;
+        while (j < m && sorted[j] == v) ++j;
         above += double(j - i) * std::exp(double(v) - max) / zk;
         i = j;
       }
-      thr = std::max(thr, last_kept);
+      if (last_kept > thr) {
+        thr = last_kept;
+        narrow();
+      }
     }
-    Z = 0.0;
-    for (int64_t x = 0; x < V; ++x)
-      if (s[x] >= thr) Z += std::exp(double(s[x]) - max);
+    // Z summed in index order over the kept tokens: the same sum as over all V with zeros skipped.
+    w.resize(keep.size());
+    for (size_t i = 0; i < keep.size(); ++i) {
+      w[i] = std::exp(double(keep_v[i]) - max);
+      Z += w[i];
+    }
+  }
+
+  // keep = {x : s_x >= floor, s_x > -inf} in index order (with their values), visiting only chunks
+  // whose maximum reaches floor.
+  void gather(int64_t chunks, float floor) {
+    keep.clear();
+    keep_v.clear();
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (!(chunk_max[c] >= floor) || chunk_max[c] == kNegInf) continue;
+      for (int64_t x = c * kScanChunk, e = std::min(V, x + kScanChunk); x < e; ++x) {
+        const float v = s(x);
+        if (v >= floor && v > kNegInf) {
+          keep.push_back(x);
+          keep_v.push_back(v);
+        }
+      }
+    }
+  }
+
+  // Drops the kept tokens below thr (order kept).
+  void narrow() {
+    size_t n = 0;
+    for (size_t i = 0; i < keep.size(); ++i) {
+      if (keep_v[i] >= thr) {
+        keep[n] = keep[i];
+        keep_v[n++] = keep_v[i];
+      }
+    }
+    keep.resize(n);
+    keep_v.resize(n);
   }
 
   double prob(int64_t x) const {
-    if (!valid || x < 0 || x >= static_cast<int64_t>(s.size()) || s[x] < thr) return 0.0;
-    return std::exp(double(s[x]) - max) / Z;
+    if (!valid || x < 0 || x >= V) return 0.0;
+    const float v = s(x);
+    return v < thr ? 0.0 : std::exp(double(v) - max) / Z;
+  }
+
+  // The most likely token of the processed distribution (first of ties; NaN logits count as -inf).
+  int64_t mode() const {
+    int64_t best = 0;
+    for (int64_t x = 1; x < V; ++x)
+      if (s(x) > s(best)) best = x;
+    return best;
   }
 };
+
+// One per thread, kept across calls (no allocation per step). Not inlined, so that the hot loops see a
+// plain reference instead of re-deriving the thread-local address (__tls_get_addr) on every access.
+template <typename T>
+__attribute__((noinline)) NodeDist<T>& thread_dist() {
+  thread_local NodeDist<T> d;
+  return d;
+}
+
+// First kept token (index order) whose running sum of the residual weight exceeds u * total, skipping the
+// rejected tokens; -1 when nothing is left. Weights are exp(s - max) (the 1 / Z cancels in the ratio).
+template <typename T>
+int64_t sample_residual(const NodeDist<T>& d, double u, const std::vector<int64_t>& rejected) {
+  const auto is_rejected = [&](int64_t x) { return std::find(rejected.begin(), rejected.end(), x) != rejected.end(); };
+  double total = 0.0;
+  for (size_t i = 0; i < d.keep.size(); ++i)
+    if (!is_rejected(d.keep[i])) total += d.w[i] / d.Z;
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double cum = 0.0;
+  int64_t last_pos = -1;
+  for (size_t i = 0; i < d.keep.size(); ++i) {
+    if (!(d.w[i] > 0.0) || is_rejected(d.keep[i])) continue;  // (exp underflowed: probability 0, never drawn)
+    cum += d.w[i] / d.Z;
+    last_pos = d.keep[i];
+    if (cum > target) return d.keep[i];  // strict: u = 0 never lands on a zero-probability token
+  }
+  return last_pos;  // rounding left the target just above the sum
+}
 
 // First token in index order whose running sum of r exceeds u * sum(r), among
 // tokens with r > 0; nullopt-like -1 when r is zero everywhere.
@@ -183,7 +273,7 @@ void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_to
   int64_t* al = alen.data_ptr<int64_t>();
   int64_t* bo = bonus.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    NodeDist dist;
+    NodeDist<T>& dist = thread_dist<T>();
     std::vector<int64_t> rejected;
     for (int64_t b = begin; b < end; ++b) {
       int64_t cur = 0, n_acc = 0;
@@ -219,13 +309,10 @@ void verify_sampling_kernel(const at::Tensor& logits, const at::Tensor& draft_to
         bo[b] = 0;  // no finite logit at this node: nothing can be sampled
         continue;
       }
-      auto residual = [&](int64_t x) {
-        return std::find(rejected.begin(), rejected.end(), x) != rejected.end() ? 0.0 : dist.prob(x);
-      };
       // The bonus uses its own uniform (slot 0: the root is never tested), never a reused acceptance coin.
-      int64_t x = sample_inverse_cdf(V, uni[b * N], residual);
+      int64_t x = sample_residual(dist, uni[b * N], rejected);
       // No residual mass left (possible only through rounding): the most likely token, as on CUDA.
-      if (x < 0) x = fast_argmax(dist.s.data(), V);
+      if (x < 0) x = dist.mode();
       bo[b] = x;
     }
   });
