@@ -123,6 +123,41 @@ def test_verify_sampling_ties_nan_and_chunk_edges_match_reference(device, cfg):
         assert torch.equal(g.cpu(), w)
 
 
+def test_portable_scans_give_the_same_decisions():
+    """The CPU row scans have an AVX-512 body and a portable one (VISPEC_NO_AVX512=1 forces it, as on a CPU
+    without AVX-512): both must give the reference's decisions, greedy and sampled, with NaN, -inf, ties
+    and a partial last chunk in the rows."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from vispec import ops
+from vispec.reference import verify_greedy_ref, verify_sampling_ref
+g = torch.Generator().manual_seed(5)
+b, n, v = 3, 12, 1000
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    logits = ((torch.randn(b, n, v, generator=g) * 2).round() / 2).to(dtype)
+    logits[0, :, 70:90] = float("nan")
+    logits[1, :, ::2] = float("-inf")
+    logits[2, 3, -1] = 50.0
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 8]).expand(b, n).contiguous()
+    tokens = torch.gather(logits.float().argmax(-1), 1, parents.clamp(min=0))
+    assert all(torch.equal(x, y) for x, y in zip(ops.verify_greedy(logits, tokens, parents),
+                                                 verify_greedy_ref(logits, tokens, parents, n - 1)))
+    u = torch.rand(b, n, dtype=torch.float64, generator=g)
+    for cfg in (dict(top_k=5), dict(top_k=20, top_p=0.8), dict(temperature=0.7)):
+        got = ops.verify_sampling(logits, tokens, parents, uniforms=u, **cfg)
+        want = verify_sampling_ref(logits, tokens, parents, u, **cfg)
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, cfg)
+print("ok")
+"""
+    for env in ({}, {"VISPEC_NO_AVX512": "1"}):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (env, r.stderr[-2000:])
+
+
 def test_processed_distribution_matches_transformers():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -60,8 +61,10 @@ inline RowScan row_scan_scalar(const T* x, int64_t n, float* chunk_max) {
 #define VISPEC_HAVE_AVX512_SCAN 1
 #define VISPEC_AVX512 __attribute__((target("avx512f,avx512bw")))
 
+// VISPEC_NO_AVX512=1 (read once) forces the portable bodies: the tests check both give the same results.
 inline bool cpu_has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool yes = std::getenv("VISPEC_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw");
   return yes;
 }
 
