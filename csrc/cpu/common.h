@@ -58,7 +58,7 @@ inline RowScan row_scan_scalar(const T* x, int64_t n, float* chunk_max) {
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define VISPEC_HAVE_AVX512_SCAN 1
+#define VISPEC_HAVE_AVX512 1
 #define VISPEC_AVX512 __attribute__((target("avx512f,avx512bw")))
 
 // VISPEC_NO_AVX512=1 (read once) forces the portable bodies: the tests check both give the same results.
@@ -105,7 +105,7 @@ VISPEC_AVX512 RowScan row_scan_avx512(const T* x, int64_t n, float* chunk_max) {
 // Max and NaN flag of x[0, n); chunk_max (if given, ceil(n / kScanChunk) floats) gets every chunk's max.
 template <typename T>
 RowScan row_scan(const T* x, int64_t n, float* chunk_max = nullptr) {
-#ifdef VISPEC_HAVE_AVX512_SCAN
+#ifdef VISPEC_HAVE_AVX512
   if (cpu_has_avx512()) return row_scan_avx512(x, n, chunk_max);
 #endif
   return row_scan_scalar(x, n, chunk_max);

@@ -8,7 +8,7 @@ Prints one markdown table per op and writes them to <results>/<device>.md.
 
 Bytes moved (the "bytes" column, counted once each, caches assumed cold):
   tree_attention   q + out (2*B*N*Hq*D) + K and V of every visible position
-                   (2*B*Hkv*(prefix+N)*D), elements of the cache dtype (bf16).
+                   (2*B*Hkv*(prefix+N)*D), elements of the input dtype (--attn-dtypes).
   verify_greedy    the whole logits tensor B*N*V (every row's argmax is needed).
   verify_sampling  the logits rows the walk visits, B*(accepted+1)*V, once each (the
                    top-k / top-p threshold passes re-read them from cache).
@@ -178,8 +178,7 @@ def row(model, b, n, prefix, t, nbytes, roof, ref=None, extra=None):
     return cells
 
 
-def bench_tree_attention(m, b, n, prefix, device, args):
-    dtype = torch.bfloat16
+def bench_tree_attention(m, b, n, prefix, device, args, dtype=torch.bfloat16):
     s = prefix + n
     q = torch.randn(b, n, m.q_heads, m.head_dim, device=device, dtype=dtype)
     k = torch.randn(b, m.kv_heads, s, m.head_dim, device=device, dtype=dtype)
@@ -188,7 +187,7 @@ def bench_tree_attention(m, b, n, prefix, device, args):
     parents = torch.tensor([-1] + [max(0, (i - 1) // 4) for i in range(1, n)], device=device).expand(b, n)
     mask_bool = ops.tree_mask_from_parents(parents[:1].contiguous())
     mask = ops.pack_tree_mask(mask_bool)
-    e = 2
+    e = q.element_size()
     nbytes = 2 * b * n * m.q_heads * m.head_dim * e + 2 * b * m.kv_heads * s * m.head_dim * e
     t = time_fn(lambda: ops.tree_attention(q, k, v, lens, mask), device)
     ref = extra = None
@@ -281,14 +280,18 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="one small shape per model (CI: the script cannot rot)")
     ap.add_argument("--ops", nargs="*", default=list(BENCHES), choices=list(BENCHES))
     ap.add_argument("--no-ref", dest="ref", action="store_false", help="skip the baselines")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: by grid)")
+    ap.add_argument("--prefixes", type=int, nargs="+", default=None, help="tree_attention prefix lengths (default: by grid)")
+    ap.add_argument("--attn-dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"],
+                    help="tree_attention input dtypes (one row each)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: the results folder, see vispec.bench.results_dir, /<device>.md)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not ops.cuda_built():
         sys.exit("vispec was built without CUDA kernels; reinstall with VISPEC_CUDA=1")
     full = (args.full or device.type == "cuda") and not args.smoke
-    batches = [1] if args.smoke else [1, 8, 32] if full else [1, 8]
-    prefixes = [128] if args.smoke else [1024, 4096] if full else [1024]
+    batches = args.batches or ([1] if args.smoke else [1, 8, 32] if full else [1, 8])
+    prefixes = args.prefixes or ([128] if args.smoke else [1024, 4096] if full else [1024])
     trees = [8] if args.smoke else [8, 30, 60]
     roof = copy_bandwidth(device)
     label = device_label(device)
@@ -305,18 +308,24 @@ def main(argv=None):
     print("\n".join(lines))
     for op in args.ops:
         fn, has_extra = BENCHES[op]
-        header = ["model", "B", "N", "prefix", "vispec us", "MB", "GB/s", "% roof", "ref us", "vs ref"]
+        attn = op == "tree_attention"
+        header = ["model", "B", "N", "prefix"] + (["dtype"] if attn else []) + ["vispec us", "MB", "GB/s", "% roof",
+                                                                            "ref us", "vs ref"]
         if has_extra:
             header += ["SDPA+mask us", "vs SDPA"]
         table = [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         print("\n".join(table))
-        grid = [(m, b, n, p) for m in MODELS for b in batches for n in trees for p in (prefixes if op == "tree_attention" else ["-"])]
-        for m, b, n, p in tqdm(grid, desc=op, file=sys.stderr, leave=False):
+        grid = [(m, b, n, p, dt) for m in MODELS for b in batches for n in trees
+                for p in (prefixes if attn else ["-"]) for dt in (args.attn_dtypes if attn else [None])]
+        for m, b, n, p, dt in tqdm(grid, desc=op, file=sys.stderr, leave=False):
             try:
-                t, nbytes, ref, extra = fn(m, b, n, p if p != "-" else 0, device, args)
+                kw = {"dtype": getattr(torch, dt)} if dt else {}
+                t, nbytes, ref, extra = fn(m, b, n, p if p != "-" else 0, device, args, **kw)
                 cells = row(m.name, b, n, p, t, nbytes, roof, ref, extra if has_extra else None)
             except torch.OutOfMemoryError:
                 cells = [m.name, b, n, p, "out of memory"] + [""] * (len(header) - 5)
+            if dt:
+                cells.insert(4, {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dt])
             line = "| " + " | ".join(str(c) for c in cells) + " |"
             table.append(line)
             tqdm.write(line, file=sys.stdout)
