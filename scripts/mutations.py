@@ -84,6 +84,12 @@ MUTATIONS = [
     Mutation("skip-tied-chunks", "csrc/cpu/verify.cpp", "if (!(chunk_max[c] >= floor) || chunk_max[c] == kNegInf) continue;",
              "if (!(chunk_max[c] > floor) || chunk_max[c] == kNegInf) continue;",
              ("tests/test_verify.py", "-k", "sampling"), "the survivor scan drops chunks whose maximum ties the top-k value"),
+    Mutation("attn-fast-no-window", "csrc/cpu/tree_attention.cpp", "if (window > 0 && t0 < sc.first_key[r]) {",
+             "if (false && window > 0 && t0 < sc.first_key[r]) {", ("tests/test_tree_attention.py",),
+             "the AVX-512 tree attention ignores the sliding window"),
+    Mutation("attn-bf16-pairs-wrong", "csrc/cpu/tree_attention.cpp",
+             "_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16))", "_mm512_or_si512(lo, _mm512_slli_epi32(lo, 16))",
+             ("tests/test_tree_attention.py",), "the bf16 P.V pairs a key's V with itself instead of the next key's"),
 ]
 
 
