@@ -47,3 +47,20 @@ def test_one_benchmark_over_all_seeds_splits_into_one_json_per_seed(tmp_path):
     assert s4["prefill_frac"] == {"vispec": 0.1} and s7["prefill_frac"] == {"vispec": 0.2}
     agg = aggregate({576: [s4, s7]})
     assert agg["0"]["vispec"][576]["tau"] == (2.5, 2.0, 3.0, 2)
+
+
+def test_ablations_are_reported_by_what_each_changed(tmp_path):
+    m = lambda tau, sp: {"tau": tau, "speedup": sp, "same": True}  # noqa: E731
+    (tmp_path / "576").mkdir()
+    (tmp_path / "576" / "bench-seed0.json").write_text(json.dumps(bench(576, 3.0, 2.0)))
+    abl = {"image_tokens": 576, "prefill_frac": {},
+           "results": {"0": {"plain": m(None, 1.0), "vispec@0": m(3.0, 2.0), "vispec@1": m(2.5, 1.8),
+                             "hivis@2": m(2.2, 1.6)}}}
+    (tmp_path / "576" / "bench-ablations.json").write_text(json.dumps(abl))
+    rc = main(["--work", str(tmp_path), "--tokens", "576", "--seeds", "0", "--report-only", "--results",
+               str(tmp_path / "r"), "--ablations", "vispec-no-global", "hivis-residuals"])
+    assert rc == 0
+    text = (tmp_path / "r" / "demo-sweep-cpu.md").read_text()
+    assert "| 0 | ViSpec | seed 0 | 3.00 | 2.00x |" in text
+    assert "| 0 | ViSpec | ViSpec without the global feature | 2.50 | 1.80x |" in text
+    assert "| 0 | HiViS | HiViS with 4 step residuals | 2.20 | 1.60x |" in text

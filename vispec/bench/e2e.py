@@ -297,7 +297,7 @@ def run_demo(args, device):
         results[temp] = acc
     # The drafter's prefill length against the target's input (HiViS reports 0.7-1.3%): a prefill-only call.
     prefill_frac = {}
-    for k, d in drafters.items():
+    for k, d in drafters.items() if args.prefill_pairs else ():  # (0 pairs: not measured, not reported)
         fr = []
         for scene, q, inp in pairs[: args.prefill_pairs]:
             vispec.generate(model, d, **inp, max_new_tokens=1, tree=tree)  # prefill + first token: no extend

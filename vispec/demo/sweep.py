@@ -13,8 +13,11 @@ For each image-token count N, in order, each step skipped when its output exists
 2. drafters: ``python -m vispec.demo.build_drafters`` with identical settings for every N, once per
    seed (``--seeds`` for the largest N, ``--other-seeds`` for the others);
 3. benchmark: ``vispec bench e2e --suite demo --image-tokens N --drafters ...`` per seed (JSON);
-4. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
-   over seeds of tau and speedup per kind and temperature.
+4. ablations at the largest N (seed 0, the same data and settings, one part changed each, see
+   ``ABLATIONS``): trained by build_drafters ``--variant``, benchmarked against the seed-0 drafters in
+   one run (``--ablation-bench-args``);
+5. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
+   over seeds of tau and speedup per kind and temperature, and the ablation table.
 
 Steps run as subprocesses (each one resumable on its own); ``--max-minutes`` stops before starting
 a step once that much time has passed.
@@ -32,6 +35,14 @@ from . import drafter_label, drafter_names
 from .model import GEOMETRY, vision_weights_path, weights_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
+# name -> what build_drafters trains differently (ViSpec's global feature and compressed-token count,
+# HiViS's residual vectors and its stage-2 objective); everything else as the seed-0 drafters.
+ABLATIONS = {
+    "vispec-no-global": ("ViSpec without the global feature", ["--kinds", "vispec", "--no-global-feature"]),
+    "vispec-4-tokens": ("ViSpec, 4 compressed tokens (not 1)", ["--kinds", "vispec", "--num-q", "5"]),
+    "hivis-residuals": ("HiViS with 4 step residuals", ["--kinds", "hivis", "--hivis-residuals", "4"]),
+    "hivis-stage2": ("HiViS with its own stage 2 (self-feedback, data selection)", ["--kinds", "hivis", "--stage2", "hivis"]),
+}
 
 
 def split_seeds(res: dict, seeds: list[int], work: Path) -> None:
@@ -74,6 +85,22 @@ def aggregate(runs: dict[int, list[dict]]) -> dict:
             for tokens, vals in per_tokens.items():
                 per_tokens[tokens] = {k: (sum(v) / len(v), min(v), max(v), len(v)) if v else None for k, v in vals.items()}
     return out
+
+
+def ablation_report(res: dict, folders: list[str]) -> list[str]:
+    """The ablation benchmark ("<kind>@<i>" = drafter kind from folder i) as a table per temperature."""
+    named = {"drafters-seed0": "seed 0", **{f"ablation-{k}": v[0] for k, v in ABLATIONS.items()}}
+    lines = ["## Ablations (largest image-token count, seed 0, one benchmark run)", "",
+             "| temperature | drafter | trained as | tau | speedup |", "|---|---|---|---|---|"]
+    for temp, methods in res["results"].items():
+        for m, a in methods.items():
+            kind, _, at = m.partition("@")
+            if not at:
+                continue
+            tau = "-" if a["tau"] is None else f"{a['tau']:.2f}"
+            lines.append(f"| {temp} | {method_label(kind)} | {named.get(folders[int(at)], folders[int(at)])} | {tau} | "
+                         f"{a['speedup']:.2f}x |")
+    return lines + [""]
 
 
 def report(agg: dict, label: str) -> list[str]:
@@ -139,6 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2],
                     help="drafter heads trained at the largest count (the others: EAGLE-2 only)")
     ap.add_argument("--bench-args", default="--images 100 --batches 1 4 8 --text-only 6", help="extra bench_e2e arguments")
+    ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
+                    help="ablations trained and benchmarked at the largest count (none: skip)")
+    ap.add_argument("--ablation-bench-args", default="--images 40 --depth-sweep 0 --prefill-pairs 0",
+                    help="extra bench_e2e arguments of the ablation run")
     ap.add_argument("--max-minutes", type=float, default=0, help="> 0: start no step after this many minutes")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the benchmark JSON already in --work")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the table and plot go")
@@ -190,6 +221,27 @@ def main(argv=None) -> int:
              str(weights), "--drafters", *[str(work / f"drafters-seed{s}") for s in seeds],
              "--out", str(work / "bench-all-seeds.md"), "--json", str(combined), *args.bench_args.split()])
         split_seeds(json.loads(combined.read_text()), seeds, work)
+    work = args.work / str(biggest)
+    ablation_json = work / "bench-ablations.json"
+    folders = ["drafters-seed0"] + [f"ablation-{a}" for a in args.ablations]
+    if args.ablations and not args.report_only and not ablation_json.is_file() \
+            and (work / "bench-seed0.json").is_file():
+        ready = True
+        for a in args.ablations:
+            out = work / f"ablation-{a}"
+            if any((out / k / "config.json").is_file() for k in drafter_names([2])):
+                continue
+            if out_of_time():
+                ready = False
+                break
+            run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(biggest),
+                 "--vision-weights", str(vision_weights_path(biggest)), "--out", str(out), "--seed", "0",
+                 "--variant", a, "--generations", "2", *args.build_args.split(), *ABLATIONS[a][1]])
+        if ready and not out_of_time():
+            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(biggest), "--vision-weights",
+                 str(vision_weights_path(biggest)), "--drafters", *[str(work / f) for f in folders],
+                 "--out", str(work / "bench-ablations.md"), "--json", str(ablation_json),
+                 *args.ablation_bench_args.split()])
     runs = {}
     for n in args.tokens:
         found = sorted((args.work / str(n)).glob("bench-seed*.json"))
@@ -208,9 +260,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(agg, out.with_suffix(".png"), label)
     lines.append(f"![speedup and tau against image tokens]({out.with_suffix('.png').name})")
+    if ablation_json.is_file():
+        lines += [""] + ablation_report(json.loads(ablation_json.read_text()), folders)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     done = all(len(runs.get(n, [])) == len(args.seeds if n == biggest else args.other_seeds) for n in args.tokens)
+    done = done and (not args.ablations or ablation_json.is_file())
     return 0 if done else 3
 
 
