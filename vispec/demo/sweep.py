@@ -13,7 +13,7 @@ For each image-token count N, in order, each step skipped when its output exists
 2. drafters: ``python -m vispec.demo.build_drafters`` with identical settings for every N, once per
    seed (``--seeds`` for the largest N, ``--other-seeds`` for the others);
 3. benchmark: ``vispec bench e2e --suite demo --image-tokens N --drafters ...`` per seed (JSON);
-4. ablations at the largest N (seed 0, the same data and settings, one part changed each, see
+4. ablations at the largest N, before the other counts (seed 0, the same data and settings, one part changed each, see
    ``ABLATIONS``): trained by build_drafters ``--variant``, benchmarked against the seed-0 drafters in
    one run (``--ablation-bench-args``);
 5. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
@@ -188,6 +188,29 @@ def main(argv=None) -> int:
 
     py = sys.executable
     biggest = max(args.tokens)
+    ablation_json = args.work / str(biggest) / "bench-ablations.json"
+    folders = ["drafters-seed0"] + [f"ablation-{a}" for a in args.ablations]
+
+    def run_ablations() -> None:
+        """Step 4, once the largest count's seed-0 drafters are benchmarked (before the other counts)."""
+        work = args.work / str(biggest)
+        if not args.ablations or ablation_json.is_file() or not (work / "bench-seed0.json").is_file():
+            return
+        for a in args.ablations:
+            out = work / f"ablation-{a}"
+            if any((out / k / "config.json").is_file() for k in drafter_names([2])):
+                continue
+            if out_of_time():
+                return
+            run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(biggest),
+                 "--vision-weights", str(vision_weights_path(biggest)), "--out", str(out), "--seed", "0",
+                 "--variant", a, "--generations", "2", *args.build_args.split(), *ABLATIONS[a][1]])
+        if not out_of_time():
+            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(biggest), "--vision-weights",
+                 str(vision_weights_path(biggest)), "--drafters", *[str(work / f) for f in folders],
+                 "--out", str(work / "bench-ablations.md"), "--json", str(ablation_json),
+                 *args.ablation_bench_args.split()])
+
     for n in [] if args.report_only else args.tokens:
         work = args.work / str(n)
         weights = vision_weights_path(n)  # trained (or finished) in the package: the one that ships
@@ -212,36 +235,16 @@ def main(argv=None) -> int:
                      "--vision-weights", str(weights), "--out", str(drafters), "--seed", str(seed),
                      "--generations", *map(str, gens), *args.build_args.split()])
         results = [work / f"bench-seed{seed}.json" for seed in seeds]
-        if stopped or all(r.is_file() for r in results) or out_of_time():
-            continue
-        # One benchmark run for every seed's drafters: model.generate and prompt lookup are timed once,
-        # each seed's drafters against the same baseline; then one JSON per seed.
-        combined = work / "bench-all-seeds.json"
-        run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
-             str(weights), "--drafters", *[str(work / f"drafters-seed{s}") for s in seeds],
-             "--out", str(work / "bench-all-seeds.md"), "--json", str(combined), *args.bench_args.split()])
-        split_seeds(json.loads(combined.read_text()), seeds, work)
-    work = args.work / str(biggest)
-    ablation_json = work / "bench-ablations.json"
-    folders = ["drafters-seed0"] + [f"ablation-{a}" for a in args.ablations]
-    if args.ablations and not args.report_only and not ablation_json.is_file() \
-            and (work / "bench-seed0.json").is_file():
-        ready = True
-        for a in args.ablations:
-            out = work / f"ablation-{a}"
-            if any((out / k / "config.json").is_file() for k in drafter_names([2])):
-                continue
-            if out_of_time():
-                ready = False
-                break
-            run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(biggest),
-                 "--vision-weights", str(vision_weights_path(biggest)), "--out", str(out), "--seed", "0",
-                 "--variant", a, "--generations", "2", *args.build_args.split(), *ABLATIONS[a][1]])
-        if ready and not out_of_time():
-            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(biggest), "--vision-weights",
-                 str(vision_weights_path(biggest)), "--drafters", *[str(work / f) for f in folders],
-                 "--out", str(work / "bench-ablations.md"), "--json", str(ablation_json),
-                 *args.ablation_bench_args.split()])
+        if not (stopped or all(r.is_file() for r in results) or out_of_time()):
+            # One benchmark run for every seed's drafters: model.generate and prompt lookup are timed once,
+            # each seed's drafters against the same baseline; then one JSON per seed.
+            combined = work / "bench-all-seeds.json"
+            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
+                 str(weights), "--drafters", *[str(work / f"drafters-seed{s}") for s in seeds],
+                 "--out", str(work / "bench-all-seeds.md"), "--json", str(combined), *args.bench_args.split()])
+            split_seeds(json.loads(combined.read_text()), seeds, work)
+        if n == biggest:
+            run_ablations()
     runs = {}
     for n in args.tokens:
         found = sorted((args.work / str(n)).glob("bench-seed*.json"))
