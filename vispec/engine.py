@@ -24,6 +24,7 @@ from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTree, PrefillInputs, TreeConfig
 from .models import Adapter, adapter_for
+from .models.base import gather_positions
 from .sampler import Sampler
 from .seq import eos_list, left_align, to_left_padding
 
@@ -199,11 +200,8 @@ class Decoding:
         out = torch.cat([acc, acc[:, :1]], 1).scatter_(1, alen.unsqueeze(1), bonus.unsqueeze(1))
         # What the drafter reads at the accepted nodes (the last hidden state, or EAGLE-3's captured layers);
         # only those rows are gathered and move to the drafter's device.
-        if cap is None:
-            idx = path.to(h.device).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
-            feats = torch.gather(h, 1, idx).to(done.device)
-        else:
-            feats = cap.features(path.clamp(min=0)).to(done.device)
+        keep = path.clamp(min=0)
+        feats = (gather_positions(h, keep) if cap is None else cap.features(keep)).to(done.device)
         self.drafter.extend(out, feats, torch.where(done, 0, alen + 1))
         return out, alen
 

@@ -52,6 +52,12 @@ class Prefill:
     state: Any = None  # per-request family state the tree forwards need (e.g. Qwen-VL's rope deltas)
 
 
+def gather_positions(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """states (B, T, H), index (B, K) -> (B, K, H): the rows at those positions, on states' device."""
+    idx = index.to(states.device).unsqueeze(-1).expand(-1, -1, states.shape[-1])
+    return torch.gather(states, 1, idx)
+
+
 class LayerCapture:
     """What :meth:`Adapter.capture_layers` recorded in the latest forward."""
 
@@ -64,11 +70,8 @@ class LayerCapture:
         if any(t is None for t in self.states):
             raise RuntimeError("a captured decoder layer did not run in the forward")
         dev = self.states[-1].device
-        parts = [t.to(dev) for t in self.states]
-        if index is not None:
-            idx = index.to(dev).unsqueeze(-1)
-            parts = [torch.gather(t, 1, idx.expand(-1, -1, t.shape[-1])) for t in parts]
-        return torch.cat(parts, -1)
+        # gathered where each state lives, so only the kept rows cross devices
+        return torch.cat([(t if index is None else gather_positions(t, index)).to(dev) for t in self.states], -1)
 
 
 class Adapter:
