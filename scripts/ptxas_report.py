@@ -35,7 +35,7 @@ def demangle(names: list[str]) -> list[str]:
 
 def short_name(name: str) -> str:
     """``void vispec::cuda::(anonymous namespace)::k<float, 128>(Params)`` -> ``k<float, 128>``."""
-    name = name.replace("vispec::cuda::(anonymous namespace)::", "").replace("vispec::cuda::", "")
+    name = name.replace("(anonymous namespace)::", "").replace("vispec::cuda::", "")
     name = name.removeprefix("void ")
     if name.endswith(")"):  # drop the parameter list: the last top-level parenthesis
         depth = 0

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import poison_allocator, random_tree
+from conftest import poison_allocator, random_tree, requires_cuda
 from vispec import ops
 from vispec.reference import tree_attention_ref
 
@@ -125,6 +125,58 @@ def test_arbitrary_masks_and_sharing(device, shared_mask):
         *make_inputs(3, 45, 4, 4, 64, [10, 0, 77], torch.float32, device, gen, shared_mask=shared_mask, tree_shaped=False),
         device,
     )
+
+
+# The CUDA op has two main kernels: tensor cores (bf16 / fp16, head dim <= 128, sm_80+) and SIMT (everything
+# else, or VISPEC_TREE_ATTENTION_KERNEL=simt). Both must match the reference on what distinguishes the
+# tensor-core tiling: several 64-row tiles (GQA 7 x 100 nodes), tree keys across two 64-key tiles and mask
+# words, splits of a long prefix, a sliding window, and NaN keys on every split count.
+CUDA_KERNELS = ["tc", "simt"]
+
+
+def use_kernel(monkeypatch, kernel):
+    if kernel == "simt":
+        monkeypatch.setenv("VISPEC_TREE_ATTENTION_KERNEL", "simt")
+    else:  # the default; an outer VISPEC_TREE_ATTENTION_KERNEL=simt must not leak in
+        monkeypatch.delenv("VISPEC_TREE_ATTENTION_KERNEL", raising=False)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,n,lens,window", [
+    (28, 4, 128, 100, [4100, 3, 70], 0),
+    (7, 1, 80, 65, [0, 129], 0),
+    (8, 8, 64, 130, [64, 1], 0),
+    (12, 2, 96, 30, [1, 5000], 0),
+    (8, 2, 128, 13, [4100, 20], 300),
+    (32, 32, 128, 60, [4096], 0),
+], ids=["qwen-n100-split", "d80-n65", "mha-n130", "d96-split", "window", "llava-n60"])
+def test_cuda_kernels_match_reference(monkeypatch, kernel, dtype, hq, hkv, d, n, lens, window):
+    use_kernel(monkeypatch, kernel)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, hq, d, n, lens)).encode()))
+    check(*make_inputs(len(lens), n, hq, hkv, d, lens, dtype, "cuda", gen), "cuda", window=window)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("prefix", [40, 4100])
+def test_cuda_kernels_nan_semantics(monkeypatch, kernel, prefix):
+    use_kernel(monkeypatch, kernel)
+    gen = torch.Generator().manual_seed(prefix)
+    n = 70
+    q, k, v, lens, mask = make_inputs(2, n, 8, 2, 128, [prefix, 12], torch.bfloat16, "cuda", gen)
+    k = k.clone()
+    k[0, :, 0] = float("nan")  # row 0's oldest prefix key: every node of row 0 sees it
+    k[1, :, int(lens[1]) + n - 1] = float("nan")  # row 1's last node (second 64-key tree tile): seen by itself
+    out, lse = ops.tree_attention(q, k, v, lens, mask, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    sees = mask[1][:, n - 1].cpu()
+    assert torch.all(out[1][sees] == 0)
+    ref, _ = tree_attention_ref(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    torch.testing.assert_close(out[1][~sees].cpu().float(), ref[1][~sees].float(), atol=1.6e-2, rtol=1.6e-2)
 
 
 def test_odd_head_dim_cpu():

@@ -1,4 +1,7 @@
-// Tree attention for speculative decoding (flash-decoding style, SIMT fp32).
+// Tree attention for speculative decoding: the SIMT kernel (flash-decoding style, fp32 math), the split
+// combine, and the dispatch. bf16 / fp16 at head dims 64-128 with aligned K/V run on tensor cores instead
+// (tree_attention_tc.cu, same contract and split workspace); the SIMT kernel serves fp32, head dim 256,
+// unaligned caches, pre-sm_80 builds, and VISPEC_TREE_ATTENTION_KERNEL=simt.
 //
 // Query node i of batch row b attends to every prefix position 0..cache_lens[b]-1
 // and to tree position cache_lens[b] + j iff bit j of tree_mask[b or 0, i] is set.
@@ -27,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common.cuh"
+#include "cuda/tree_attention_tc.cuh"
 #include "vispec/launchers.h"
 
 namespace vispec {
@@ -389,8 +393,9 @@ __global__ void __launch_bounds__(128)
   if (lane == 0 && lse != nullptr) lse[row] = (mx + log2f(wsum)) * kLn2;
 }
 
+// The SIMT main kernel (fp32, head dim 256, unaligned K/V, pre-sm_80 devices).
 template <typename T, int D>
-cudaError_t launch_d(const TreeAttentionParams& p, int num_splits, cudaStream_t stream) {
+cudaError_t launch_simt(const TreeAttentionParams& p, int num_splits, float* ws_out, float* ws_lse, cudaStream_t stream) {
   const LaunchShape shape = launch_shape(p);
   const size_t smem = smem_bytes(shape.rows, D);
   if (smem > 48 * 1024) {
@@ -405,7 +410,15 @@ cudaError_t launch_d(const TreeAttentionParams& p, int num_splits, cudaStream_t 
                       (p.k_stride_h * es) % 16 == 0 && (p.k_stride_s * es) % 16 == 0 &&
                       (p.v_stride_b * es) % 16 == 0 && (p.v_stride_h * es) % 16 == 0 &&
                       (p.v_stride_s * es) % 16 == 0 && (D * es) % 16 == 0;
+  const int64_t blocks = p.batch * p.num_kv_heads * num_splits * shape.row_tiles;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  tree_attention_kernel<T, D><<<static_cast<unsigned>(blocks), shape.warps * 32, smem, stream>>>(
+      p, num_splits, shape.row_tiles, vec_kv, ws_out, ws_lse);
+  return cudaGetLastError();
+}
 
+template <typename T, int D>
+cudaError_t launch_d(const TreeAttentionParams& p, int num_splits, cudaStream_t stream) {
   const int64_t total_rows = p.batch * p.n_tree * p.num_q_heads;
   float* ws_out = nullptr;
   float* ws_lse = nullptr;
@@ -413,11 +426,9 @@ cudaError_t launch_d(const TreeAttentionParams& p, int num_splits, cudaStream_t 
     ws_out = static_cast<float*>(p.workspace);                        // (splits, rows, D)
     ws_lse = ws_out + static_cast<int64_t>(num_splits) * total_rows * D;  // (splits, rows)
   }
-  const int64_t blocks = p.batch * p.num_kv_heads * num_splits * shape.row_tiles;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  tree_attention_kernel<T, D><<<static_cast<unsigned>(blocks), shape.warps * 32, smem, stream>>>(
-      p, num_splits, shape.row_tiles, vec_kv, ws_out, ws_lse);
-  cudaError_t e = cudaGetLastError();
+  // bf16 / fp16 at D <= 128 with aligned K/V on sm_80+: tensor cores (tree_attention_tc.cu).
+  const cudaError_t e = tc::eligible(p) ? tc::launch(p, num_splits, ws_out, ws_lse, stream)
+                                        : launch_simt<T, D>(p, num_splits, ws_out, ws_lse, stream);
   if (e != cudaSuccess || num_splits == 1) return e;
 
   const int64_t cblocks = (total_rows + 3) / 4;  // 4 warps (rows) per block
@@ -448,12 +459,12 @@ bool tree_attention_supports_head_dim(int64_t head_dim) {
 int tree_attention_num_splits(const TreeAttentionParams& p, int num_sms) {
   if (!params_ok(p)) return 1;
   if (num_sms < 1) num_sms = 1;
-  const LaunchShape shape = launch_shape(p);
-  const int64_t base_blocks = p.batch * p.num_kv_heads * shape.row_tiles;
+  const int64_t row_tiles = tc::eligible(p) ? tc::row_tiles(p) : launch_shape(p).row_tiles;
+  const int64_t base_blocks = p.batch * p.num_kv_heads * row_tiles;
   const int64_t target = 2 * static_cast<int64_t>(num_sms);
   if (base_blocks >= target) return 1;
   int64_t splits = (target + base_blocks - 1) / base_blocks;
-  // Split boundaries are kTK-aligned shares of cache_lens[b] <= S_max - N; keep at
+  // Split boundaries are kTK- (SIMT) or tc::kKeys-aligned (tensor cores) shares of cache_lens[b] <= S_max - N; keep at
   // least kMinKeysPerSplit keys per split for the longest possible prefix.
   const int64_t max_prefix = p.max_seq - p.n_tree;
   const int64_t by_len = max_prefix > 0 ? max_prefix / kMinKeysPerSplit : 0;

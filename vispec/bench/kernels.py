@@ -27,6 +27,7 @@ are timed only where they finish in reasonable time, otherwise shown as "-".
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -169,13 +170,65 @@ def fmt_t(t):
     return "-" if t is None else (f"{t * 1e6:.1f}" if t < 1e-2 else f"{t * 1e6:.0f}")
 
 
-def row(model, b, n, prefix, t, nbytes, roof, ref=None, extra=None):
+def row(model, b, n, prefix, t, nbytes, roof, ref=None, extras=()):
     gbs = nbytes / t / 1e9
     cells = [model, b, n, prefix, fmt_t(t), f"{nbytes / 1e6:.2f}", f"{gbs:.1f}", f"{100 * gbs / roof:.0f}%"]
     cells += [fmt_t(ref), "-" if ref is None else f"{ref / t:.1f}x"]
-    if extra is not None:
-        cells += [fmt_t(extra), f"{extra / t:.1f}x"]
+    for x in extras:  # further baselines: time and vispec's speedup over it
+        cells += [fmt_t(x), "-" if x is None else f"{x / t:.1f}x"]
     return cells
+
+
+def attention_baselines(device) -> list[str]:
+    """Baseline columns of the tree_attention table: SDPA with an explicit mask everywhere; on CUDA also
+    vispec's SIMT kernel (the pre-tensor-core path, forced by VISPEC_TREE_ATTENTION_KERNEL=simt) and
+    flashinfer's custom-mask prefill when ``import flashinfer`` works."""
+    cols = ["SDPA+mask"]
+    if device.type == "cuda":
+        cols.append("vispec SIMT")
+        try:
+            import flashinfer  # noqa: F401
+            cols.append("flashinfer")
+        except Exception:  # not installed, or built for another torch / CUDA
+            pass
+    return cols
+
+
+def flashinfer_tree_attention(q, k, v, lens, mask_bool):
+    """A closure running flashinfer's ragged-KV prefill with a custom mask over the same inputs (the cache
+    copied once to flashinfer's NHD layout, outside the timing), or None when flashinfer refuses them."""
+    import flashinfer
+
+    b, n, hq, d = q.shape
+    hkv = k.shape[1]
+    kv_len = [int(x) + n for x in lens.tolist()]
+    ks = torch.cat([k[i, :, :kv_len[i]].transpose(0, 1) for i in range(b)])  # (sum kv, Hkv, D)
+    vs = torch.cat([v[i, :, :kv_len[i]].transpose(0, 1) for i in range(b)])
+    qs = q.reshape(b * n, hq, d)
+    # request i's mask (N, kv_len): every prefix key visible, then the tree mask
+    masks = [torch.cat([torch.ones(n, kv_len[i] - n, dtype=torch.bool, device=q.device),
+                        mask_bool[0 if mask_bool.shape[0] == 1 else i]], 1).flatten() for i in range(b)]
+    qo_indptr = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+    kv_indptr = torch.tensor([0] + kv_len, dtype=torch.int32, device=q.device).cumsum(0, dtype=torch.int32)
+    ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=q.device)
+    w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
+    w.plan(qo_indptr, kv_indptr, hq, hkv, d, custom_mask=torch.cat(masks), q_data_type=q.dtype)
+    return lambda: w.run(qs, ks, vs)
+
+
+def forced_simt(fn):
+    """fn run with the CUDA tree attention forced onto its SIMT kernel (read by the launcher on every call)."""
+    def run():
+        old = os.environ.get("VISPEC_TREE_ATTENTION_KERNEL")
+        os.environ["VISPEC_TREE_ATTENTION_KERNEL"] = "simt"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["VISPEC_TREE_ATTENTION_KERNEL"]
+            else:
+                os.environ["VISPEC_TREE_ATTENTION_KERNEL"] = old
+    return run
 
 
 def bench_tree_attention(m, b, n, prefix, device, args, dtype=torch.bfloat16):
@@ -189,12 +242,21 @@ def bench_tree_attention(m, b, n, prefix, device, args, dtype=torch.bfloat16):
     mask = ops.pack_tree_mask(mask_bool)
     e = q.element_size()
     nbytes = 2 * b * n * m.q_heads * m.head_dim * e + 2 * b * m.kv_heads * s * m.head_dim * e
-    t = time_fn(lambda: ops.tree_attention(q, k, v, lens, mask), device)
-    ref = extra = None
+    attend = lambda: ops.tree_attention(q, k, v, lens, mask)  # noqa: E731
+    t = time_fn(attend, device)
+    ref = None
+    extras = {}
     if args.ref:
         ref = time_fn(lambda: tree_attention_ref(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=5)
-        extra = time_fn(lambda: sdpa_with_mask(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=20)
-    return t, nbytes, ref, extra
+        extras["SDPA+mask"] = time_fn(lambda: sdpa_with_mask(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=20)
+        if device.type == "cuda":
+            extras["vispec SIMT"] = time_fn(forced_simt(attend), device)
+            try:
+                extras["flashinfer"] = time_fn(flashinfer_tree_attention(q, k, v, lens, mask_bool), device)
+            except Exception as e:  # noqa: BLE001 - a baseline that cannot run is shown as "-", with why
+                if "flashinfer" in attention_baselines(device):
+                    tqdm.write(f"flashinfer baseline failed at B={b} N={n} prefix={prefix}: {e}", file=sys.stderr)
+    return t, nbytes, ref, extras
 
 
 def make_verify_inputs(m, b, n, device, dtype=torch.bfloat16):
@@ -211,7 +273,7 @@ def bench_verify_greedy(m, b, n, prefix, device, args):
     nbytes = logits.numel() * logits.element_size()
     t = time_fn(lambda: ops.verify_greedy(logits, tokens, parents, depth), device)
     ref = time_fn(lambda: verify_greedy_torch(logits, tokens, parents, depth), device) if args.ref else None
-    return t, nbytes, ref, None
+    return t, nbytes, ref, {}
 
 
 def bench_verify_sampling(m, b, n, prefix, device, args):
@@ -227,7 +289,7 @@ def bench_verify_sampling(m, b, n, prefix, device, args):
         u = torch.rand(b, n, dtype=torch.float64, device=device)
         lc, tc, pc, uc = logits.cpu(), tokens.cpu(), parents.cpu(), u.cpu()
         ref = time_fn(lambda: verify_sampling_ref(lc, tc, pc, uc, **kw), torch.device("cpu"), min_time=0.0, max_reps=1)
-    return t, nbytes, ref, None
+    return t, nbytes, ref, {}
 
 
 def bench_chain(m, b, n, prefix, device, args):
@@ -243,7 +305,7 @@ def bench_chain(m, b, n, prefix, device, args):
         u = torch.rand(b, k + 1, dtype=torch.float64, device=device)
         qc, tc, pc, uc = q.cpu(), tokens.cpu(), p.cpu(), u.cpu()
         ref = time_fn(lambda: chain_speculative_sampling_ref(qc, tc, pc, uc), torch.device("cpu"), min_time=0.0, max_reps=3)
-    return t, nbytes, ref, None
+    return t, nbytes, ref, {}
 
 
 def bench_compact(m, b, n, prefix, device, args):
@@ -261,15 +323,15 @@ def bench_compact(m, b, n, prefix, device, args):
     nbytes = 2 * m.layers * 2 * b * m.kv_heads * depth * m.head_dim * 2
     t = time_fn(lambda: ops.compact_kv_(kc, vc, lens, path, alen), device)
     ref = time_fn(lambda: compact_kv_torch(kc, vc, lens, path, alen), device) if args.ref else None
-    return t, nbytes, ref, None
+    return t, nbytes, ref, {}
 
 
 BENCHES = {
-    "tree_attention": (bench_tree_attention, True),
-    "verify_greedy": (bench_verify_greedy, False),
-    "verify_sampling": (bench_verify_sampling, False),
-    "chain_speculative_sampling": (bench_chain, False),
-    "compact_kv": (bench_compact, False),
+    "tree_attention": bench_tree_attention,
+    "verify_greedy": bench_verify_greedy,
+    "verify_sampling": bench_verify_sampling,
+    "chain_speculative_sampling": bench_chain,
+    "compact_kv": bench_compact,
 }
 
 
@@ -307,12 +369,13 @@ def main(argv=None):
     ]
     print("\n".join(lines))
     for op in args.ops:
-        fn, has_extra = BENCHES[op]
+        fn = BENCHES[op]
         attn = op == "tree_attention"
         header = ["model", "B", "N", "prefix"] + (["dtype"] if attn else []) + ["vispec us", "MB", "GB/s", "% roof",
                                                                             "ref us", "vs ref"]
-        if has_extra:
-            header += ["SDPA+mask us", "vs SDPA"]
+        baselines = attention_baselines(device) if attn and args.ref else []
+        for c in baselines:
+            header += [f"{c} us", f"vs {c.split('+')[0].removeprefix('vispec ')}"]
         table = [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         print("\n".join(table))
         grid = [(m, b, n, p, dt) for m in MODELS for b in batches for n in trees
@@ -320,8 +383,8 @@ def main(argv=None):
         for m, b, n, p, dt in tqdm(grid, desc=op, file=sys.stderr, leave=False):
             try:
                 kw = {"dtype": getattr(torch, dt)} if dt else {}
-                t, nbytes, ref, extra = fn(m, b, n, p if p != "-" else 0, device, args, **kw)
-                cells = row(m.name, b, n, p, t, nbytes, roof, ref, extra if has_extra else None)
+                t, nbytes, ref, extras = fn(m, b, n, p if p != "-" else 0, device, args, **kw)
+                cells = row(m.name, b, n, p, t, nbytes, roof, ref, [extras.get(c) for c in baselines])
             except torch.OutOfMemoryError:
                 cells = [m.name, b, n, p, "out of memory"] + [""] * (len(header) - 5)
             if dt:
