@@ -123,6 +123,27 @@ def test_verify_sampling_ties_nan_and_chunk_edges_match_reference(device, cfg):
         assert torch.equal(g.cpu(), w)
 
 
+@pytest.mark.parametrize("k", [3, 60])
+def test_verify_sampling_top_k_over_a_flat_vocabulary_matches_reference(device, k):
+    """Top-k over rows where almost every token ties for the maximum (V >> the CUDA kernel's candidate
+    buffer, so its chunk-maximum bound admits every token and it must fall back to the full search), and
+    rows where a few tokens stand out (the bound admits ~k chunks)."""
+    gen = seeded("flat", k)
+    b, n, v = 2, 9, 9000
+    logits, tokens, parents = make_tree_batch(b, n, v, gen, hit_rate=0.5)
+    logits[0] = 0.0  # row 0: one big tie
+    logits[0, :, 17] = 0.5
+    logits[1] = -30.0  # row 1: a few tokens far above the rest
+    logits[1, :, 5000:5000 + 2 * k] = torch.randn(n, 2 * k, generator=gen)
+    uniforms = torch.rand(b, n, dtype=torch.float64, generator=gen)
+    for cfg in (dict(top_k=k), dict(top_k=k, top_p=0.7)):
+        got = ops.verify_sampling(logits.to(device), tokens.to(device), parents.to(device),
+                                  uniforms=uniforms.to(device), **cfg)
+        want = verify_sampling_ref(logits, tokens, parents, uniforms, **cfg)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w)
+
+
 def test_portable_scans_give_the_same_decisions():
     """The CPU row scans have an AVX-512 body and a portable one (VISPEC_NO_AVX512=1 forces it, as on a CPU
     without AVX-512): both must give the reference's decisions, greedy and sampled, with NaN, -inf, ties

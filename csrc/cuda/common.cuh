@@ -230,6 +230,7 @@ __device__ __forceinline__ void block_row_for_each(const T* row, int64_t n, F&& 
   for (int64_t i = tid; i < head; i += nt) f(i, to_float(row[i]));
   const int64_t nvec = (n - head) / kVec;
   const uint4* vp = reinterpret_cast<const uint4*>(row + head);
+#pragma unroll 4  // independent 16-byte loads in flight together
   for (int64_t v = tid; v < nvec; v += nt) {
     const uint4 raw = vp[v];
     float vals[kVec];

@@ -2,9 +2,10 @@
 //
 // One thread per (layer, K/V, batch row b, head h, column c), where a column is
 // a copy unit (16, 8, 4, 2 or 1 bytes, the widest that every pointer, stride and
-// row size allows) of the D * elem_bytes bytes of one cache row. The thread walks
-// i = 1 .. min(accept_len[b], P - 1) in increasing order and copies its column
-// from cache position cache_lens[b] + accept_path[b, i] to cache_lens[b] + i.
+// row size allows) of the D * elem_bytes bytes of one cache row. For
+// i = 1 .. min(accept_len[b], P - 1) the thread copies its column from cache
+// position cache_lens[b] + accept_path[b, i] to cache_lens[b] + i, loading a
+// batch of sources into registers before storing them.
 // accept_path is increasing, so each source (>= i) lies at or after every
 // destination written so far (< i): a forward copy never reads a slot it already
 // overwrote, and distinct threads own distinct columns, so nothing races.
@@ -21,6 +22,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride beyond this
+constexpr int kBatch = 8;                // sources held in registers at once: a draft depth of up to 8 in one batch
 
 template <typename U>
 __global__ void __launch_bounds__(kThreads)
@@ -51,13 +53,29 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t* path = p.accept_path + b * P;  // accept_path: (B, P)
     char* col = static_cast<char*>(cache) + (b * p.stride_b + h * p.stride_h) * eb + c * static_cast<int64_t>(sizeof(U));
     const int64_t row_bytes = p.stride_s * eb;  // bytes between consecutive cache positions
+    // Moves 1..m are valid: the walk stops at the first source before its destination (that would break
+    // the forward-copy argument and the contract) or past the cache end.
+    int64_t m = 0;
     for (int64_t i = 1; i <= n; ++i) {
       const int64_t src = path[i];
-      if (src == i) continue;  // already in place
-      // A source before its destination would break the forward-copy argument
-      // (and the contract); positions past the cache end are out of bounds.
-      if (src < i || src >= room || i >= room) break;
-      *reinterpret_cast<U*>(col + (cl + i) * row_bytes) = *reinterpret_cast<const U*>(col + (cl + src) * row_bytes);
+      if (src != i && (src < i || src >= room || i >= room)) break;
+      m = i;
+    }
+    // Up to kBatch sources are loaded into registers before any store, so the loads of a column are in
+    // flight together instead of one load -> store chain per accepted token. A batch's sources (>= its
+    // first destination) lie after every destination of the earlier batches, so none was overwritten.
+    for (int64_t i0 = 1; i0 <= m; i0 += kBatch) {
+      U vals[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int64_t i = i0 + j;
+        if (i <= m && path[i] != i) vals[j] = *reinterpret_cast<const U*>(col + (cl + path[i]) * row_bytes);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int64_t i = i0 + j;
+        if (i <= m && path[i] != i) *reinterpret_cast<U*>(col + (cl + i) * row_bytes) = vals[j];
+      }
     }
   }
 }

@@ -113,13 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   at::Tensor accept_len = at::empty({B}, opts);
   at::Tensor bonus = at::empty({B}, opts);
   if (B == 0) return {accept_path, accept_len, bonus};
-  at::Tensor argmax_ws = at::empty({B, N}, opts);
-
   cuda::VerifyGreedyParams p{};
   p.logits = target_logits.const_data_ptr();
   p.draft_tokens = draft_tokens.const_data_ptr<int64_t>();
   p.parents = parents.const_data_ptr<int64_t>();
-  p.argmax_ws = argmax_ws.mutable_data_ptr<int64_t>();
   p.accept_path = accept_path.mutable_data_ptr<int64_t>();
   p.accept_len = accept_len.mutable_data_ptr<int64_t>();
   p.bonus_token = bonus.mutable_data_ptr<int64_t>();
@@ -128,6 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   p.vocab = V;
   p.path_width = max_accept + 1;
   p.dtype = to_dtype(target_logits.scalar_type(), "vispec.verify_greedy");
+  p.num_splits = cuda::verify_greedy_num_splits(p, current_num_sms());
+  at::Tensor argmax_ws = at::empty({B, N, p.num_splits}, opts);
+  p.argmax_ws = argmax_ws.mutable_data_ptr<int64_t>();
   C10_CUDA_CHECK(cuda::verify_greedy(p, current_stream()));
   return {accept_path, accept_len, bonus};
 }
@@ -165,6 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   p.top_k = top_k;
   p.top_p = top_p;
   p.dtype = to_dtype(target_logits.scalar_type(), "vispec.verify_sampling");
+  at::Tensor workspace = at::empty({static_cast<int64_t>(cuda::verify_sampling_workspace_bytes(p))},
+                                   target_logits.options().dtype(at::kByte));
+  p.workspace = workspace.mutable_data_ptr();
   C10_CUDA_CHECK(cuda::verify_sampling(p, current_stream()));
   return {accept_path, accept_len, bonus};
 }

@@ -71,13 +71,16 @@ struct VerifyGreedyParams {
   const void* logits;          // (B, N, V), dtype, contiguous
   const int64_t* draft_tokens; // (B, N)
   const int64_t* parents;      // (B, N)
-  int64_t* argmax_ws;          // (B, N) scratch
+  int64_t* argmax_ws;          // (B, N, num_splits) scratch: each split's packed (key, index) maximum
   int64_t* accept_path;        // (B, P) out, P = max_accept + 1
   int64_t* accept_len;         // (B,) out
   int64_t* bonus_token;        // (B,) out
   int64_t batch, n_tree, vocab, path_width;
   DType dtype;
+  int64_t num_splits;          // blocks per logits row (verify_greedy_num_splits), >= 1
 };
+// Splits of each row's argmax so that B * N * splits blocks fill a device of num_sms SMs.
+int64_t verify_greedy_num_splits(const VerifyGreedyParams& p, int num_sms);
 cudaError_t verify_greedy(const VerifyGreedyParams& p, cudaStream_t stream);
 
 // Sampling for deterministic (top-k) drafts, lossless multi-round rejection on
@@ -108,7 +111,9 @@ struct VerifySamplingParams {
   int64_t top_k;               // <= 0 or >= vocab: off
   double top_p;                // (0, 1]; 1: off. Double: a float would round 1 - 2^-26 up to 1 and drop top-p
   DType dtype;
+  void* workspace;             // verify_sampling_workspace_bytes(...) bytes (per-node distributions, chunk maxima)
 };
+size_t verify_sampling_workspace_bytes(const VerifySamplingParams& p);
 cudaError_t verify_sampling(const VerifySamplingParams& p, cudaStream_t stream);
 
 // Chain speculative sampling for stochastic drafts: for i < K, draft token x_i
