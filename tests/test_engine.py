@@ -67,6 +67,18 @@ def test_greedy_oracle_drafter(target, acceptance):
         assert 0.3 < out.stats.tau < 2.5
 
 
+def test_compiled_tree_forward_is_token_identical():
+    """compile=True: the verification forward under torch.compile (a recompile makes the growing cache length
+    dynamic); greedy output still equals model.generate's, on a second request (new cache, other lengths) too."""
+    model = T.llama()
+    for lens, seed in (([7, 12], 1), ([5], 2)):
+        inputs = T.text_inputs(lens, seed=seed)
+        ref = hf_greedy(model, inputs, 24)
+        drafter, tree = oracle_for(model, inputs, ref, acceptance=0.7)
+        out = vispec.generate(model, drafter, **inputs, max_new_tokens=24, tree=tree, compile=True)
+        assert torch.equal(out.sequences, ref)
+
+
 def row_inputs(inputs, r):
     """Row r alone, without padding (per-image tensors of that row only)."""
     mask = inputs["attention_mask"][r].bool()

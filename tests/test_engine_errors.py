@@ -71,6 +71,7 @@ def test_image_tokens_without_pixels_and_pixels_without_tokens(llava):
         (dict(tree=(8, 3, 2)), "tree must be a vispec.TreeConfig"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-3), "top_k must be a non-negative int"),
+        (dict(compile="fast"), "compile must be a bool or one of default, reduce-overhead"),
     ],
 )
 def test_bad_options(llama, kw, msg):

@@ -174,6 +174,7 @@ class Decoding:
     tree: TreeConfig
     cache: TreeCache
     state: object  # the adapter's per-request state (Prefill.state)
+    forward: object = None  # the tree forward: adapter.tree_forward, or its torch.compile'd version
 
     def step(self, done: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafts, verifies and commits one tree per row. Returns (tokens (B, depth + 1): the accepted
@@ -185,8 +186,9 @@ class Decoding:
         mask = ops.pack_tree_mask(ops.tree_mask_from_parents(dt.parents))
         pos = self.adapter.tree_positions(self.state, self.cache.lens, dt.depth)
         clock.lap("draft")
+        forward = self.forward or self.adapter.tree_forward
         with self.adapter.capture_layers(getattr(self.drafter, "feature_layers", None)) as cap:
-            h = self.adapter.tree_forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
+            h = forward(self.state, dt.tokens, pos, self.cache, TreeStep(self.cache.lens, mask))
         logits = self.adapter.logits(h)  # (B, N, V): on the head's device (a model spread over devices)
         on = logits.device
         verified = self.sampler.verify(logits, DraftTree(dt.tokens.to(on), dt.parents.to(on), dt.depth),
@@ -238,6 +240,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    compile: bool | str = False,
     **inputs,
 ) -> GenerateOutput:
     """Speculative generation; ``**inputs`` is what the model's processor (or tokenizer) returns.
@@ -247,12 +250,16 @@ def generate(
     ``model.generate(do_sample=True, ...)`` does. ``eos_token_id`` / ``pad_token_id``
     default to the model's generation config. Every problem with the request is reported
     before the first forward. ``profile=True`` synchronises the GPU between phases so that
-    the stats' time split is exact (without it, only the total is).
+    the stats' time split is exact (without it, only the total is). ``compile=True`` runs the
+    tree-verification forward under ``torch.compile`` (a mode name such as ``"reduce-overhead"``,
+    CUDA graphs on a GPU, selects that mode); the first steps pay the compilation, later calls
+    on the same model reuse it. The prefill stays eager (its length changes with every prompt).
     """
     t_start = time.perf_counter()
     adapter = adapter_for(model)
     req = _validate(adapter, drafter, inputs, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                     pad_token_id, streamer, tree, seed, generator)
+    forward = compiled_tree_forward(adapter, compile)
     stats = GenerationStats()
     b, p = req.lp_ids.shape
     device = req.lp_ids.device
@@ -284,7 +291,7 @@ def generate(
         if streamer is not None:
             streamer.put(req.input_ids.cpu())
         emitter.push([[t] for t in first.tolist()])
-        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state)
+        dec = Decoding(adapter, drafter, req.sampler, req.tree, cache, pre.state, forward)
         while not emitter.finished:
             tokens, alen = dec.step(emitter.done_t, clock)
             rows = torch.cat([tokens, alen.unsqueeze(1)], 1).tolist()  # the step's one host read
@@ -296,6 +303,21 @@ def generate(
     sequences = emitter.sequences(req.input_ids, req.pad_token_id)
     stats.time_total = time.perf_counter() - t_start
     return GenerateOutput(sequences=sequences, stats=stats)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compiled_tree_forward(adapter: Adapter, mode: bool | str):
+    """``adapter.tree_forward`` under ``torch.compile`` (None: eager). Dynamo keeps its compiled code on the
+    function's code object, guarded on the model it saw, so later requests on the same model reuse it."""
+    if mode is False or mode is None:
+        return None
+    if mode is True:
+        mode = "default"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return torch.compile(adapter.tree_forward, mode=mode, dynamic=None)
 
 
 def _validate(adapter: Adapter, drafter, inputs, max_new_tokens, temperature, top_k, top_p, eos_token_id,

@@ -196,6 +196,9 @@ def run_model(name, args, device, dtype):
     return rows
 
 
+COMPILED = "+compiled"  # method-name suffix of a drafter run with vispec.generate(compile=True)
+
+
 def run_demo(args, device):
     """The demo VLM (SmolLM2-135M-Instruct + trained vision tower) on held-out generated scenes.
 
@@ -234,6 +237,10 @@ def run_demo(args, device):
     else:
         drafters = {k: load_demo_drafter(k, model) for k in DRAFTER_KINDS}
         names = {k: drafter_label(k) for k in drafters}
+    if args.compile:  # the same drafters again, their tree forwards under torch.compile
+        for k in [k for k in drafters if "@" not in k or k.endswith("@0")]:
+            drafters[k + COMPILED] = drafters[k]
+            names[k + COMPILED] = names.get(k, drafter_label(k)) + " (compiled)"
     tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
     for i in range(args.images):
@@ -242,8 +249,12 @@ def run_demo(args, device):
         pairs.append((scene, q, processor(text=[prompt(processor, q)], images=[scene.image], return_tensors="pt").to(device)))
     max_new = args.max_new
     model.generate(**pairs[0][2], max_new_tokens=4, do_sample=False)  # warm-up
-    for d in drafters.values():
-        vispec.generate(model, d, **pairs[0][2], max_new_tokens=4, tree=tree)
+    for k, d in drafters.items():
+        if k.endswith(COMPILED):  # compilation and the recompiles that make lengths dynamic, before any timing
+            for _, _, inp in pairs[:3]:
+                vispec.generate(model, d, **inp, max_new_tokens=48, tree=tree, compile=True)
+        else:
+            vispec.generate(model, d, **pairs[0][2], max_new_tokens=4, tree=tree)
     results = {}
     facts = [0, 0]
     per_pair = []  # T=0: (plain answer length, plain seconds, {kind: seconds})
@@ -276,7 +287,7 @@ def run_demo(args, device):
             row = (ref.shape[1] - p, t_plain, {})
             for k, d in drafters.items():
                 out, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=tree,
-                                                       temperature=temp, seed=i), device)
+                                                       temperature=temp, seed=i, compile=k.endswith(COMPILED)), device)
                 row[2][k] = t
                 a = acc[k]
                 a["draft_time"] += out.stats.time_draft
@@ -297,14 +308,16 @@ def run_demo(args, device):
         results[temp] = acc
     # The drafter's prefill length against the target's input (HiViS reports 0.7-1.3%): a prefill-only call.
     prefill_frac = {}
-    for k, d in drafters.items() if args.prefill_pairs else ():  # (0 pairs: not measured, not reported)
+    for k, d in (drafters.items() if args.prefill_pairs else ()):  # (0 pairs: not measured, not reported)
+        if k.endswith(COMPILED):
+            continue
         fr = []
         for scene, q, inp in pairs[: args.prefill_pairs]:
             vispec.generate(model, d, **inp, max_new_tokens=1, tree=tree)  # prefill + first token: no extend
             fr.append(float(d.state.lens[0]) / inp["input_ids"].shape[1])
         prefill_frac[k] = sum(fr) / max(len(fr), 1)
     # The secondary measurements (batches, text-only prompts, depth sweep) run on the first folder's drafters.
-    first = {k: d for k, d in drafters.items() if "@" not in k or k.endswith("@0")}
+    first = {k: d for k, d in drafters.items() if ("@" not in k or k.endswith("@0")) and not k.endswith(COMPILED)}
     batched = run_demo_batches(model, processor, first, pairs, args, device, tree) if args.batches else {}
     text_only = run_demo_text_only(model, processor, first, args, device, tree) if args.text_only else {}
     sweep = {}
@@ -523,6 +536,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
     ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")
     ap.add_argument("--text-only", type=int, default=0, help="demo suite: text-only prompts")
+    ap.add_argument("--compile", action="store_true",
+                    help="demo suite: also each drafter with its tree forward under torch.compile (eager vs compiled)")
     ap.add_argument("--out", type=Path, default=None, help="the result markdown (default: e2e-<suite>-<device>.md in the results folder)")
     ap.add_argument("--json", type=Path, default=None, help="demo suite: also write tau / speedup per method as JSON")
     ap.add_argument("--max-depth", type=int, default=6)
