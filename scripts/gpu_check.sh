@@ -105,9 +105,9 @@ kernels() {
 e2e() {
   if [ "$SMOKE" = 1 ]; then
     "$PY" -m vispec.bench.e2e --suite medium --quick --prompts 1 --models LLaVA-NeXT --acceptance 1.0 --device cpu \
-      --out "$LOGS/e2e.md"
+      --compile --out "$LOGS/e2e.md"
   else
-    "$PY" -m vispec.bench.e2e --suite 7b
+    "$PY" -m vispec.bench.e2e --suite 7b --compile
   fi
 }
 

@@ -179,6 +179,16 @@ def row(model, b, n, prefix, t, nbytes, roof, ref=None, extras=()):
     return cells
 
 
+def has_flashinfer(device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flashinfer  # noqa: F401
+        return True
+    except Exception:  # not installed, or built for another torch / CUDA
+        return False
+
+
 def attention_baselines(device) -> list[str]:
     """Baseline columns of the tree_attention table: SDPA with an explicit mask everywhere; on CUDA also
     vispec's SIMT kernel (the pre-tensor-core path, forced by VISPEC_TREE_ATTENTION_KERNEL=simt) and
@@ -186,12 +196,13 @@ def attention_baselines(device) -> list[str]:
     cols = ["SDPA+mask"]
     if device.type == "cuda":
         cols.append("vispec SIMT")
-        try:
-            import flashinfer  # noqa: F401
-            cols.append("flashinfer")
-        except Exception:  # not installed, or built for another torch / CUDA
-            pass
+    if has_flashinfer(device):
+        cols.append("flashinfer")
     return cols
+
+
+# Baseline columns of the other tables (their bench functions fill these keys).
+BASELINES = {"chain_speculative_sampling": lambda device: ["flashinfer"] if has_flashinfer(device) else []}
 
 
 def flashinfer_tree_attention(q, k, v, lens, mask_bool):
@@ -301,11 +312,20 @@ def bench_chain(m, b, n, prefix, device, args):
     gen = torch.Generator(device=device).manual_seed(0)
     t = time_fn(lambda: ops.chain_speculative_sampling(q, tokens, p, generator=gen), device)
     ref = None
+    extras = {}
     if args.ref and b == 1:
         u = torch.rand(b, k + 1, dtype=torch.float64, device=device)
         qc, tc, pc, uc = q.cpu(), tokens.cpu(), p.cpu(), u.cpu()
         ref = time_fn(lambda: chain_speculative_sampling_ref(qc, tc, pc, uc), torch.device("cpu"), min_time=0.0, max_reps=3)
-    return t, nbytes, ref, {}
+    if args.ref and has_flashinfer(device):
+        import flashinfer
+
+        ids = tokens.to(torch.int32)
+        try:
+            extras["flashinfer"] = time_fn(lambda: flashinfer.sampling.chain_speculative_sampling(q, ids, p), device)
+        except Exception as e:  # noqa: BLE001 - shown as "-", with why
+            tqdm.write(f"flashinfer chain sampling failed at B={b} N={n}: {e}", file=sys.stderr)
+    return t, nbytes, ref, extras
 
 
 def bench_compact(m, b, n, prefix, device, args):
@@ -373,7 +393,7 @@ def main(argv=None):
         attn = op == "tree_attention"
         header = ["model", "B", "N", "prefix"] + (["dtype"] if attn else []) + ["vispec us", "MB", "GB/s", "% roof",
                                                                             "ref us", "vs ref"]
-        baselines = attention_baselines(device) if attn and args.ref else []
+        baselines = (attention_baselines(device) if attn else BASELINES.get(op, lambda d: [])(device)) if args.ref else []
         for c in baselines:
             header += [f"{c} us", f"vs {c.split('+')[0].removeprefix('vispec ')}"]
         table = [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
