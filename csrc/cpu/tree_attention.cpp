@@ -274,126 +274,126 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
         for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(Kf + j * D + dv * 16, _mm512_setzero_ps());
     }
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, R - r0));
-    if (transposed) {
-      if constexpr (DP) {
-        __m512 acc[kRows][kTile / 16];
-        for (int i = 0; i < kRows; ++i)
-          for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_setzero_ps();
-        const uint32_t* qw = reinterpret_cast<const uint32_t*>(sc.qb.data() + r0 * D);
-        for (int w = 0; w < D / 2; ++w) {
-          __m512bh kv[kTile / 16];
-          for (int c = 0; c < kTile / 16; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(sc.kt.data() + w * kTile + c * 16);
-          for (int i = 0; i < kRows; ++i) {
-            if (i >= rows) break;
-            const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i * (D / 2) + w]));
-            for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], kv[c], qb);
-          }
-        }
-        for (int i = 0; i < rows; ++i)
-          for (int c = 0; c < kTile / 16; ++c) _mm512_store_ps(Sb[i] + c * 16, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(scale)));
-      } else {
-        __m512 acc[kRows][kTile / 16];
-        for (int i = 0; i < kRows; ++i)
-          for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_setzero_ps();
-        for (int d = 0; d < D; ++d) {
-          __m512 kv[kTile / 16];
-          for (int c = 0; c < kTile / 16; ++c) kv[c] = _mm512_loadu_ps(sc.ktf.data() + d * kTile + c * 16);
-          for (int i = 0; i < kRows; ++i) {
-            if (i >= rows) break;
-            const __m512 qd = _mm512_set1_ps(Q[(r0 + i) * D + d]);  // (q already scaled)
-            for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_fmadd_ps(kv[c], qd, acc[i][c]);
-          }
-        }
-        for (int i = 0; i < rows; ++i)
-          for (int c = 0; c < kTile / 16; ++c) _mm512_store_ps(Sb[i] + c * 16, acc[i][c]);
-      }
-    }
-    for (int64_t r = r0; r < r0 + rows; ++r) {
-      float* S = Sb[r - r0];
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, R - r0));
       if (transposed) {
-        // scores computed above for the whole block
-      } else if constexpr (DP) {
-        // D / 32 dot-product instructions per key (32 bf16 each); keys past the tile's end read key 0
-        // (any finite row: their scores are set to -inf below).
-        constexpr int DW = D / 32;
-        __m512bh qv[DW];
-        for (int w = 0; w < DW; ++w) qv[w] = (__m512bh)_mm512_loadu_si512(sc.qb.data() + r * D + w * 32);
-        const uint16_t* kb = reinterpret_cast<const uint16_t*>(k_ptr);
-        for (int j0 = 0; j0 < kTile; j0 += 16) {
-          __m512 acc[16];
-          for (int j = 0; j < 16; ++j) {
-            const uint16_t* kj = kb + (t0 + (j0 + j < nt ? j0 + j : 0)) * kv_stride_s;
-            __m512 a = _mm512_setzero_ps();
-            for (int w = 0; w < DW; ++w) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kj + w * 32), qv[w]);
-            acc[j] = a;
+        if constexpr (DP) {
+          __m512 acc[kRows][kTile / 16];
+          for (int i = 0; i < kRows; ++i)
+            for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_setzero_ps();
+          const uint32_t* qw = reinterpret_cast<const uint32_t*>(sc.qb.data() + r0 * D);
+          for (int w = 0; w < D / 2; ++w) {
+            __m512bh kv[kTile / 16];
+            for (int c = 0; c < kTile / 16; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(sc.kt.data() + w * kTile + c * 16);
+            for (int i = 0; i < kRows; ++i) {
+              if (i >= rows) break;
+              const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i * (D / 2) + w]));
+              for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], kv[c], qb);
+            }
           }
-          _mm512_store_ps(S + j0, _mm512_mul_ps(transpose_add16(acc), _mm512_set1_ps(scale)));
-        }
-      } else {
-        const float* qr = Q + r * D;
-        __m512 qv[DV];
-        for (int dv = 0; dv < DV; ++dv) qv[dv] = _mm512_loadu_ps(qr + dv * 16);
-        for (int j0 = 0; j0 < kTile; j0 += 16) {
-          __m512 acc[16];
-          for (int j = 0; j < 16; ++j) {
-            const float* kj = Kf + (j0 + j) * D;
-            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(kj), qv[0]);
-            for (int dv = 1; dv < DV; ++dv) a = _mm512_fmadd_ps(_mm512_loadu_ps(kj + dv * 16), qv[dv], a);
-            acc[j] = a;
+          for (int i = 0; i < rows; ++i)
+            for (int c = 0; c < kTile / 16; ++c) _mm512_store_ps(Sb[i] + c * 16, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(scale)));
+        } else {
+          __m512 acc[kRows][kTile / 16];
+          for (int i = 0; i < kRows; ++i)
+            for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_setzero_ps();
+          for (int d = 0; d < D; ++d) {
+            __m512 kv[kTile / 16];
+            for (int c = 0; c < kTile / 16; ++c) kv[c] = _mm512_loadu_ps(sc.ktf.data() + d * kTile + c * 16);
+            for (int i = 0; i < kRows; ++i) {
+              if (i >= rows) break;
+              const __m512 qd = _mm512_set1_ps(Q[(r0 + i) * D + d]);  // (q already scaled)
+              for (int c = 0; c < kTile / 16; ++c) acc[i][c] = _mm512_fmadd_ps(kv[c], qd, acc[i][c]);
+            }
           }
-          _mm512_store_ps(S + j0, transpose_add16(acc));
+          for (int i = 0; i < rows; ++i)
+            for (int c = 0; c < kTile / 16; ++c) _mm512_store_ps(Sb[i] + c * 16, acc[i][c]);
         }
       }
-      for (int j = nt; j < kTile; ++j) S[j] = ninf;
-      const int64_t n = r / G;
-      if (t0 + nt > L) {  // tree keys: the row's mask bits (masked_fill, so a hidden NaN key never reaches it)
-        for (int64_t j = std::max<int64_t>(t0, L); j < t0 + nt; ++j) {
-          const int64_t c = j - L;
-          if (!((mrow[n * W + c / 32] >> (c % 32)) & 1u)) S[j - t0] = ninf;
+      for (int64_t r = r0; r < r0 + rows; ++r) {
+        float* S = Sb[r - r0];
+        if (!transposed) {  // (else the scores of this block of rows were computed above)
+          if constexpr (DP) {
+            // D / 32 dot-product instructions per key (32 bf16 each); keys past the tile's end read key 0
+            // (any finite row: their scores are set to -inf below).
+            constexpr int DW = D / 32;
+            __m512bh qv[DW];
+            for (int w = 0; w < DW; ++w) qv[w] = (__m512bh)_mm512_loadu_si512(sc.qb.data() + r * D + w * 32);
+            const uint16_t* kb = reinterpret_cast<const uint16_t*>(k_ptr);
+            for (int j0 = 0; j0 < kTile; j0 += 16) {
+              __m512 acc[16];
+              for (int j = 0; j < 16; ++j) {
+                const uint16_t* kj = kb + (t0 + (j0 + j < nt ? j0 + j : 0)) * kv_stride_s;
+                __m512 a = _mm512_setzero_ps();
+                for (int w = 0; w < DW; ++w) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kj + w * 32), qv[w]);
+                acc[j] = a;
+              }
+              _mm512_store_ps(S + j0, _mm512_mul_ps(transpose_add16(acc), _mm512_set1_ps(scale)));
+            }
+          } else {
+            const float* qr = Q + r * D;
+            __m512 qv[DV];
+            for (int dv = 0; dv < DV; ++dv) qv[dv] = _mm512_loadu_ps(qr + dv * 16);
+            for (int j0 = 0; j0 < kTile; j0 += 16) {
+              __m512 acc[16];
+              for (int j = 0; j < 16; ++j) {
+                const float* kj = Kf + (j0 + j) * D;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(kj), qv[0]);
+                for (int dv = 1; dv < DV; ++dv) a = _mm512_fmadd_ps(_mm512_loadu_ps(kj + dv * 16), qv[dv], a);
+                acc[j] = a;
+              }
+              _mm512_store_ps(S + j0, transpose_add16(acc));
+            }
+          }
         }
-      }
-      if (window > 0 && t0 < sc.first_key[r]) {  // prefix keys older than the row's window
-        for (int64_t j = t0; j < std::min<int64_t>(t0 + nt, sc.first_key[r]); ++j) S[j - t0] = ninf;
-      }
-      __m512 mx = _mm512_set1_ps(ninf);
-      for (int j0 = 0; j0 < kTile; j0 += 16) mx = _mm512_max_ps(_mm512_load_ps(S + j0), mx);  // NaN ignored here
-      const float m_old = sc.m[r];
-      const float m_new = std::max(m_old, _mm512_reduce_max_ps(mx));
-      const float shift = m_new == ninf ? 0.0f : m_new;  // nothing visible yet: exp gives 0, not NaN
-      const float corr = std::exp(m_old - shift);
-      sc.m[r] = m_new;
-      __m512 lsum = _mm512_setzero_ps();
-      for (int j0 = 0; j0 < kTile; j0 += 16) {
-        const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(S + j0), _mm512_set1_ps(shift)));  // NaN stays NaN
-        _mm512_store_ps(S + j0, p);
-        lsum = _mm512_add_ps(lsum, p);
-      }
-      sc.l[r] = sc.l[r] * corr + _mm512_reduce_add_ps(lsum);
-      float* orow = O + r * D;
-      __m512 ov[DV];
-      const __m512 c = _mm512_set1_ps(corr);
-      for (int dv = 0; dv < DV; ++dv) ov[dv] = _mm512_mul_ps(_mm512_loadu_ps(orow + dv * 16), c);
-      if constexpr (DP) {
-        alignas(64) uint16_t pb[kTile];  // P in bf16, read as words: pair i = pb[2i] | pb[2i+1] << 16
-        for (int j0 = 0; j0 < kTile; j0 += 16)
-          _mm256_store_si256(reinterpret_cast<__m256i*>(pb + j0), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(S + j0)));
-        const uint32_t* pw = reinterpret_cast<const uint32_t*>(pb);
-        for (int i = 0; i < (nt + 1) / 2; ++i) {
-          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[i]));
-          const uint32_t* vi = sc.vp.data() + i * D;
-          for (int dv = 0; dv < DV; ++dv)
-            ov[dv] = _mm512_dpbf16_ps(ov[dv], (__m512bh)_mm512_loadu_si512(vi + dv * 16), p);
+        for (int j = nt; j < kTile; ++j) S[j] = ninf;
+        const int64_t n = r / G;
+        if (t0 + nt > L) {  // tree keys: the row's mask bits (masked_fill, so a hidden NaN key never reaches it)
+          for (int64_t j = std::max<int64_t>(t0, L); j < t0 + nt; ++j) {
+            const int64_t c = j - L;
+            if (!((mrow[n * W + c / 32] >> (c % 32)) & 1u)) S[j - t0] = ninf;
+          }
         }
-      } else {
-        for (int j = 0; j < nt; ++j) {
-          const __m512 p = _mm512_set1_ps(S[j]);
-          const float* vj = Vf + j * D;
-          for (int dv = 0; dv < DV; ++dv) ov[dv] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + dv * 16), ov[dv]);
+        if (window > 0 && t0 < sc.first_key[r]) {  // prefix keys older than the row's window
+          for (int64_t j = t0; j < std::min<int64_t>(t0 + nt, sc.first_key[r]); ++j) S[j - t0] = ninf;
         }
+        __m512 mx = _mm512_set1_ps(ninf);
+        for (int j0 = 0; j0 < kTile; j0 += 16) mx = _mm512_max_ps(_mm512_load_ps(S + j0), mx);  // NaN ignored here
+        const float m_old = sc.m[r];
+        const float m_new = std::max(m_old, _mm512_reduce_max_ps(mx));
+        const float shift = m_new == ninf ? 0.0f : m_new;  // nothing visible yet: exp gives 0, not NaN
+        const float corr = std::exp(m_old - shift);
+        sc.m[r] = m_new;
+        __m512 lsum = _mm512_setzero_ps();
+        for (int j0 = 0; j0 < kTile; j0 += 16) {
+          const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(S + j0), _mm512_set1_ps(shift)));  // NaN stays NaN
+          _mm512_store_ps(S + j0, p);
+          lsum = _mm512_add_ps(lsum, p);
+        }
+        sc.l[r] = sc.l[r] * corr + _mm512_reduce_add_ps(lsum);
+        float* orow = O + r * D;
+        __m512 ov[DV];
+        const __m512 c = _mm512_set1_ps(corr);
+        for (int dv = 0; dv < DV; ++dv) ov[dv] = _mm512_mul_ps(_mm512_loadu_ps(orow + dv * 16), c);
+        if constexpr (DP) {
+          alignas(64) uint16_t pb[kTile];  // P in bf16, read as words: pair i = pb[2i] | pb[2i+1] << 16
+          for (int j0 = 0; j0 < kTile; j0 += 16)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(pb + j0), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(S + j0)));
+          const uint32_t* pw = reinterpret_cast<const uint32_t*>(pb);
+          for (int i = 0; i < (nt + 1) / 2; ++i) {
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[i]));
+            const uint32_t* vi = sc.vp.data() + i * D;
+            for (int dv = 0; dv < DV; ++dv)
+              ov[dv] = _mm512_dpbf16_ps(ov[dv], (__m512bh)_mm512_loadu_si512(vi + dv * 16), p);
+          }
+        } else {
+          for (int j = 0; j < nt; ++j) {
+            const __m512 p = _mm512_set1_ps(S[j]);
+            const float* vj = Vf + j * D;
+            for (int dv = 0; dv < DV; ++dv) ov[dv] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + dv * 16), ov[dv]);
+          }
+        }
+        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(orow + dv * 16, ov[dv]);
       }
-      for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(orow + dv * 16, ov[dv]);
-    }
     }
   }
   // A row that sees nothing (or a NaN) has l = 0 (or NaN): it gets 0 and lse -inf, never 0/0.
