@@ -19,6 +19,7 @@
 //              m16n8k16 for two adjacent key octets), V by ldmatrix.trans
 //
 // Registers per thread at D = 128: O 64 fp32, S 32 fp32, Q 32 b32 (ptxas report: benchmarks/results/).
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -516,12 +517,28 @@ bool eligible(const TreeAttentionParams& p) {
   if (forced_simt()) return false;
   // The kernel's code on this device must come from sm_80+ PTX: a build for older archs only (JIT from
   // compute_75 PTX, say) has no mma / ldmatrix / cp.async in it.
+  // The answer is fixed per (device, dtype, head dim): looked up once, not on every launch (the hot path).
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  constexpr int kDevices = 64;
+  static std::atomic<signed char> known[kDevices][2][4];  // 0 unknown, 1 yes, -1 no (zero-initialised)
+  const int di = p.dtype == DType::kFloat16 ? 0 : 1;
+  const int hi = p.head_dim == 64 ? 0 : p.head_dim == 80 ? 1 : p.head_dim == 96 ? 2 : 3;
+  if (dev >= 0 && dev < kDevices) {
+    const signed char k = known[dev][di][hi].load(std::memory_order_relaxed);
+    if (k != 0) return k > 0;
+  }
   cudaFuncAttributes attr;
   if (kernel_attributes(p, &attr) != cudaSuccess) {
     cudaGetLastError();  // leave no stale error for the SIMT launch to report
     return false;
   }
-  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  const bool ok = attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  if (dev >= 0 && dev < kDevices) known[dev][di][hi].store(ok ? 1 : -1, std::memory_order_relaxed);
+  return ok;
 }
 
 int64_t row_tiles(const TreeAttentionParams& p) {
