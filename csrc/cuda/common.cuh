@@ -241,6 +241,42 @@ __device__ __forceinline__ void block_row_for_each(const T* row, int64_t n, F&& 
   for (int64_t i = head + nvec * kVec + tid; i < n; i += nt) f(i, to_float(row[i]));
 }
 
+
+// ---------------------------------------------------------------------------
+// Tree attention's work decomposition (both kernels: SIMT and tensor cores)
+// ---------------------------------------------------------------------------
+// Block -> (b, kv head, split, row tile). The row tiles and splits of one (b, kv head) are adjacent block
+// ids, so they run close together and share that head's K/V through L2.
+struct TreeBlock {
+  int64_t b, kvh;
+  int split, tile;
+};
+__device__ __forceinline__ TreeBlock tree_block(int64_t bid, int row_tiles, int num_splits, int64_t num_kv_heads) {
+  TreeBlock t;
+  t.tile = static_cast<int>(bid % row_tiles);
+  bid /= row_tiles;
+  t.split = static_cast<int>(bid % num_splits);
+  bid /= num_splits;
+  t.kvh = bid % num_kv_heads;
+  t.b = bid / num_kv_heads;
+  return t;
+}
+
+// Split `split` of `num_splits` owns the prefix keys [start, end) of a prefix of `cl` keys: equal shares
+// rounded up to whole `tile_keys` tiles (a split past the end gets an empty range; only the last split
+// also owns the tree keys).
+struct KeyRange {
+  int64_t start, end;
+};
+__device__ __forceinline__ KeyRange split_prefix(int64_t cl, int split, int num_splits, int tile_keys) {
+  int64_t per = (cl + num_splits - 1) / num_splits;
+  per = (per + tile_keys - 1) / tile_keys * tile_keys;
+  KeyRange r;
+  r.start = static_cast<int64_t>(split) * per;
+  r.end = (r.start + per < cl) ? r.start + per : cl;
+  return r;
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace vispec

@@ -98,15 +98,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int warp = threadIdx.x >> 5;
   const int rows_pb = static_cast<int>(blockDim.x >> 5) * kRowsPerWarp;
 
-  // Block -> (b, kv head, split, row tile); the tiles and splits of one (b, kv head)
-  // are adjacent block ids so they run close together and share K/V through L2.
-  int64_t bid = blockIdx.x;
-  const int tile = static_cast<int>(bid % row_tiles);
-  bid /= row_tiles;
-  const int split = static_cast<int>(bid % num_splits);
-  bid /= num_splits;
-  const int64_t kvh = bid % p.num_kv_heads;
-  const int64_t b = bid / p.num_kv_heads;
+  const detail::TreeBlock blk = detail::tree_block(blockIdx.x, row_tiles, num_splits, p.num_kv_heads);
+  const int tile = blk.tile;
+  const int split = blk.split;
+  const int64_t kvh = blk.kvh;
+  const int64_t b = blk.b;
 
   const int64_t N = p.n_tree;
   const int64_t Hq = p.num_q_heads;
@@ -144,10 +140,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 
   // ---- this split's prefix range [pstart, pend) ----
-  int64_t per = (cl + num_splits - 1) / num_splits;
-  per = (per + kTK - 1) / kTK * kTK;
-  const int64_t pstart = static_cast<int64_t>(split) * per;
-  const int64_t pend = (pstart + per < cl) ? pstart + per : cl;
+  const detail::KeyRange keys = detail::split_prefix(cl, split, num_splits, kTK);
+  const int64_t pstart = keys.start;
+  const int64_t pend = keys.end;
   const int64_t n_prefix_tiles = pend > pstart ? (pend - pstart + kTK - 1) / kTK : 0;
   const int64_t n_tree_tiles = (split == num_splits - 1) ? (N + kTK - 1) / kTK : 0;
 

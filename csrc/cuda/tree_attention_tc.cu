@@ -29,6 +29,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/common.cuh"
 #include "cuda/tree_attention_tc.cuh"
 
 namespace vispec {
@@ -164,14 +165,11 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 255 registers: no spills o
   const int g = lane >> 2;  // fragment row (and +8)
   const int c = lane & 3;   // fragment column pair
 
-  // Block -> (b, kv head, split, row tile), tiles and splits of one (b, kv head) adjacent (L2 reuse).
-  int64_t bid = blockIdx.x;
-  const int tile = static_cast<int>(bid % n_row_tiles);
-  bid /= n_row_tiles;
-  const int split = static_cast<int>(bid % num_splits);
-  bid /= num_splits;
-  const int64_t kvh = bid % p.num_kv_heads;
-  const int64_t b = bid / p.num_kv_heads;
+  const detail::TreeBlock blk = detail::tree_block(blockIdx.x, n_row_tiles, num_splits, p.num_kv_heads);
+  const int tile = blk.tile;
+  const int split = blk.split;
+  const int64_t kvh = blk.kvh;
+  const int64_t b = blk.b;
 
   const int64_t N = p.n_tree;
   const int64_t Hq = p.num_q_heads;
@@ -188,10 +186,9 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 255 registers: no spills o
   cl = cl < 0 ? 0 : (cl > S ? S : cl);
 
   // This split's prefix range [pstart, pend), then (last split) the tree tiles.
-  int64_t per = (cl + num_splits - 1) / num_splits;
-  per = (per + kKeys - 1) / kKeys * kKeys;
-  const int64_t pstart = static_cast<int64_t>(split) * per;
-  const int64_t pend = (pstart + per < cl) ? pstart + per : cl;
+  const detail::KeyRange keys = detail::split_prefix(cl, split, num_splits, kKeys);
+  const int64_t pstart = keys.start;
+  const int64_t pend = keys.end;
   const int n_prefix_tiles = pend > pstart ? static_cast<int>((pend - pstart + kKeys - 1) / kKeys) : 0;
   const int n_tree_tiles = (split == num_splits - 1) ? static_cast<int>((N + kKeys - 1) / kKeys) : 0;
   const int n_tiles = n_prefix_tiles + n_tree_tiles;
