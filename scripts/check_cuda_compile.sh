@@ -27,7 +27,8 @@ fi
 pids=()
 for f in "${files[@]}"; do
   name=$(basename "$f" .cu)
-  "$NVCC" -std=c++17 -O3 -Icsrc -Icsrc/include \
+  # No -I flags: each kernel file compiles on its own (its includes are relative to it).
+  "$NVCC" -std=c++17 -O3 \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -Xcompiler -Wall -Werror all-warnings -c "$f" -o "$out/$name.o" &
   pids+=($!)

@@ -29,9 +29,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/common.cuh"
-#include "cuda/tree_attention_tc.cuh"
-#include "vispec/launchers.h"
+#include "common.cuh"
+#include "tree_attention_tc.cuh"
+#include "../include/vispec/launchers.h"
 
 namespace vispec {
 namespace cuda {

@@ -29,8 +29,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/common.cuh"
-#include "cuda/tree_attention_tc.cuh"
+#include "common.cuh"
+#include "tree_attention_tc.cuh"
 
 namespace vispec {
 namespace cuda {

@@ -6,7 +6,7 @@
 
 #include <cuda_runtime.h>
 
-#include "vispec/launchers.h"
+#include "../include/vispec/launchers.h"
 
 namespace vispec {
 namespace cuda {

@@ -24,8 +24,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/common.cuh"
-#include "vispec/launchers.h"
+#include "common.cuh"
+#include "../include/vispec/launchers.h"
 
 namespace vispec {
 namespace cuda {
