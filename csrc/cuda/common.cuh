@@ -241,7 +241,6 @@ __device__ __forceinline__ void block_row_for_each(const T* row, int64_t n, F&& 
   for (int64_t i = head + nvec * kVec + tid; i < n; i += nt) f(i, to_float(row[i]));
 }
 
-
 // ---------------------------------------------------------------------------
 // Tree attention's work decomposition (both kernels: SIMT and tensor cores)
 // ---------------------------------------------------------------------------
