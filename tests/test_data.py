@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vispec.testing import IMAGE_ID, tiny_llava_and_processor
-from vispec.data import LONG_ANSWER_SUFFIX, ShardDataset, done_ids, generate_shards, load_samples
+from vispec.data import LONG_ANSWER_SUFFIX, AnswerLog, ShardDataset, done_ids, generate_shards, load_samples
 
 
 
@@ -37,10 +37,10 @@ def test_generate_resume_skip(tmp_path, dataset):
     out = tmp_path / "shards"
     # An interrupted run: only the first 4 samples get through.
     c1 = generate_shards(model, proc, samples[:4], out, images, suffix="t2 t3", max_new_tokens=6, batch_size=3, shard_size=2, progress=False)
-    assert c1 == {"written": 4, "skipped": 0, "already_done": 0}
+    assert c1 == {"written": 4, "skipped": 0, "already_done": 0, "replayed": 0}
     (out / "shard-99999.tmp").write_bytes(b"half-written")  # a crash mid-write leaves a temp file
     c2 = generate_shards(model, proc, samples, out, images, suffix="t2 t3", max_new_tokens=6, batch_size=3, shard_size=2, progress=False)
-    assert c2 == {"written": 4, "skipped": 2, "already_done": 4}
+    assert c2 == {"written": 4, "skipped": 2, "already_done": 4, "replayed": 0}
     assert not list(out.glob("*.tmp"))
     ids = [ShardDataset(out)[i]["id"] for i in range(len(ShardDataset(out)))]
     assert sorted(ids) == sorted(["s0", "s1", "s2", "s3", "s4", "s5", "s6", "text"])  # none lost, none twice
@@ -50,6 +50,47 @@ def test_generate_resume_skip(tmp_path, dataset):
     c3 = generate_shards(model, proc, samples, out, images, max_new_tokens=6, progress=False)
     assert c3["written"] == 0 and c3["already_done"] == 10
     assert done_ids(out) == set(ids)
+
+
+def _records(out):
+    ds = ShardDataset(out)
+    return {ds[i]["id"]: ds[i] for i in range(len(ds))}
+
+
+def test_answers_file_rebuilds_the_shards_without_generating(tmp_path, dataset, monkeypatch):
+    """Shards are rebuilt from a logged answers file by one forward per sample (sampled answers included: no
+    generation, so the same answers); samples written before the log was kept are logged from the shards;
+    other generation settings, or a line cut by an interruption, are handled, not silently mixed."""
+    path, images = dataset
+    model, proc = tiny_llava_and_processor()
+    samples = load_samples(path)
+    kw = dict(suffix="t2", max_new_tokens=6, batch_size=3, shard_size=2, temperature=1.0, progress=False)
+    torch.manual_seed(0)
+    generate_shards(model, proc, samples[:3], tmp_path / "a", images, **kw)  # before the log was kept
+    log = tmp_path / "answers.jsonl"
+    c = generate_shards(model, proc, samples, tmp_path / "a", images, answers_file=log, **kw)
+    assert c["written"] == 5 and c["replayed"] == 0 and c["already_done"] == 3
+    first = _records(tmp_path / "a")
+    entries = AnswerLog(log, {"suffix": "t2", "max_new_tokens": 6, "temperature": 1.0}).entries
+    assert set(entries) == set(first)  # the 3 older samples logged from the shards, the 5 new ones as answered
+
+    def no_generation(*a, **k):
+        raise AssertionError("a logged answer was generated again")
+
+    monkeypatch.setattr(model, "generate", no_generation)
+    with open(log, "a") as f:
+        f.write('{"id": "s9", "ans')  # an interrupted append: dropped, not an error
+    c = generate_shards(model, proc, samples, tmp_path / "b", images, answers_file=log, **kw)
+    assert c["replayed"] == 8 and c["written"] == 8 and c["skipped"] == 2
+    again = _records(tmp_path / "b")
+    assert set(again) == set(first)
+    for sid, rec in first.items():
+        for k in ("input_ids", "loss_mask", "image_mask"):
+            assert torch.equal(again[sid][k], rec[k]), (sid, k)
+        for k in ("hidden", "image_embeds"):
+            torch.testing.assert_close(again[sid][k].float(), rec[k].float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="other settings.*temperature"):
+        generate_shards(model, proc, samples, tmp_path / "c", images, answers_file=log, **{**kw, "temperature": 0.0})
 
 
 def test_stored_sample_contents(tmp_path, dataset):

@@ -112,7 +112,7 @@ def test_online_records_equal_the_stored_ones_and_ranks_split_the_answers(tmp_pa
     for t in threads:
         t.join(timeout=300)
     lines = [len((tmp_path / "work" / f"answers-{r}-of-2.jsonl").read_text().splitlines()) for r in range(2)]
-    assert lines == [7, 7] and len(online[0]) == len(online[1]) == 14
+    assert lines == [8, 8] and len(online[0]) == len(online[1]) == 14  # a settings line + 7 answers each
     for i in range(len(online[0])):
         rec = online[0][i]
         want = by_id[rec["id"]]

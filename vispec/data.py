@@ -23,7 +23,9 @@ logged in ``skipped.jsonl``.
 
 At scale the hidden states of three layers cost terabytes: :class:`OnlineDataset`
 (``vispec train --online``) keeps only the answers' token ids on disk and lets the
-frozen target compute each record when training reads it.
+frozen target compute each record when training reads it. The same answers (an
+:class:`AnswerLog`, a few kB per sample) let ``generate_shards`` rebuild shards with one
+forward per sample instead of a generation: what to keep where shards cannot be kept.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .journal import Journal
 from .models import adapter_for
 
 log = logging.getLogger("vispec.data")
@@ -93,6 +96,24 @@ def skipped_ids(out_dir: Path) -> set[str]:
     if not f.exists():
         return set()
     return {json.loads(line)["id"] for line in f.read_text().splitlines() if line.strip()}
+
+
+class AnswerLog(Journal):
+    """The target's answers as a :class:`~vispec.journal.Journal` of ``{"id", "answer": [token ids]}`` or
+    ``{"id", "skip": reason}`` lines under the generation settings (suffix, max_new_tokens, temperature):
+    reading it under other settings is refused, its answers would silently be another distribution's."""
+
+    def __init__(self, path, config: dict):
+        super().__init__(path, config, key_field="id")
+
+    def answer(self, sid: str) -> list[int] | None:
+        """The answer's token ids, or None where the sample was skipped."""
+        return self.entries[sid].get("answer")
+
+
+def answer_of(record: dict) -> list[int]:
+    """The answer token ids of a training record (the positions its loss mask marks)."""
+    return record["input_ids"][record["loss_mask"].bool()].tolist()
 
 
 def build_prompt(processor, sample: Sample, suffix: str, has_image: bool) -> str:
@@ -270,51 +291,102 @@ def generate_shards(
     temperature: float = 0.0,
     progress: bool = True,
     feature_layers: list[int] | None = None,
+    answers_file=None,
 ) -> dict:
     """Generates and stores the training data of ``samples`` (resumes what ``out_dir`` already holds).
     ``feature_layers`` also stores those layers' input hidden states (``aux_hidden``, EAGLE-3).
 
-    Returns counts: {"written", "skipped", "already_done"}.
+    ``answers_file``: an :class:`AnswerLog` of the answers. Samples it already answers are not generated
+    again: their records come from one forward over prompt + that answer (so shards are rebuilt from it at
+    the cost of a forward each, sampled answers included); the others' answers are appended to it, and so
+    are those of samples the shards held before the log was kept.
+
+    Returns counts: {"written", "skipped", "already_done", "replayed"} (replayed: written from the log).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob("*.tmp"):
         tmp.unlink()  # a shard interrupted while being written
-    done = done_ids(out_dir) | skipped_ids(out_dir)
+    stored = done_ids(out_dir)
+    done = stored | skipped_ids(out_dir)
     todo = [s for s in samples if s.id not in done]
     feature_layers = list(feature_layers) if feature_layers else None
     check_layers(out_dir, feature_layers)
+    answers = None
+    if answers_file is not None:
+        answers = AnswerLog(answers_file, {"suffix": suffix, "max_new_tokens": max_new_tokens,
+                                           "temperature": temperature})
+        answers.add([{"id": sid, "answer": a} for sid, a in _stored_answers(out_dir, stored - set(answers.entries))])
     writer = _ShardWriter(out_dir, shard_size, {"feature_layers": json.dumps(feature_layers)})
     root = Path(images_root) if images_root is not None else None
     adapter = adapter_for(model)
-    counts = {"written": 0, "skipped": 0, "already_done": len(samples) - len(todo)}
+    image_ids = set(adapter.image_token_ids())
+    counts = {"written": 0, "skipped": 0, "already_done": len(samples) - len(todo), "replayed": 0}
     tok = _prepare_tokenizer(processor)
     gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
     if temperature > 0:
         gen_kw["temperature"] = temperature
     bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
     for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+        full = todo[start : start + batch_size]
+        known = {s.id: answers.entries[s.id] for s in full if answers is not None and s.id in answers}
+        batch = []
+        for s in full:
+            entry = known.get(s.id, {})
+            if entry.get("skip"):
+                _log_skip(out_dir, s.id, f"answers file: {entry['skip']}")
+            elif image_ids & set(entry.get("answer", [])):
+                _log_skip(out_dir, s.id, "its logged answer holds an image placeholder id, which a forward by ids "
+                                         "would take for an image")
+            else:
+                batch.append(s)
         loaded = _load_images(batch, root, out_dir)
-        counts["skipped"] += len(batch) - len(loaded)
-        bar.update(len(batch) - len(loaded))
+        counts["skipped"] += len(full) - len(loaded)
+        bar.update(len(full) - len(loaded))
         for group in _groups(loaded):
-            inputs = _prompt_inputs(model, processor, adapter, group, suffix)
-            # The prefill's input embeddings (image features merged) are captured on the way: the
-            # stored forward below reuses them instead of encoding the images again.
-            with adapter.capture_input_embeds() as box:
-                seqs = model.generate(**inputs, **gen_kw)
-            prompt_emb = box.get("inputs_embeds")
-            if prompt_emb is None or prompt_emb.shape[1] != inputs["input_ids"].shape[1]:
-                prompt_emb = adapter.embed(inputs["input_ids"])
-            for (s, _), rec in zip(group, sequence_records(adapter, inputs, seqs, tok.pad_token_id, feature_layers,
-                                                           prompt_embeds=prompt_emb)):
-                writer.add(s.id, rec)
-                counts["written"] += 1
-                bar.update(1)
+            for replay in (True, False):
+                part = [x for x in group if (x[0].id in known) == replay]
+                if not part:
+                    continue
+                inputs = _prompt_inputs(model, processor, adapter, part, suffix)
+                if replay:  # prompt + the logged answer (padding after it), and one forward
+                    ans = [known[s.id]["answer"] for s, _ in part]
+                    width = max(map(len, ans))
+                    tail = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in ans],
+                                        dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+                    records = sequence_records(adapter, inputs, torch.cat([inputs["input_ids"], tail], 1),
+                                               tok.pad_token_id, feature_layers)
+                    counts["replayed"] += len(part)
+                else:
+                    # The prefill's input embeddings (image features merged) are captured on the way: the
+                    # stored forward below reuses them instead of encoding the images again.
+                    with adapter.capture_input_embeds() as box:
+                        seqs = model.generate(**inputs, **gen_kw)
+                    prompt_emb = box.get("inputs_embeds")
+                    if prompt_emb is None or prompt_emb.shape[1] != inputs["input_ids"].shape[1]:
+                        prompt_emb = adapter.embed(inputs["input_ids"])
+                    records = sequence_records(adapter, inputs, seqs, tok.pad_token_id, feature_layers,
+                                               prompt_embeds=prompt_emb)
+                    if answers is not None:
+                        answers.add([{"id": s.id, "answer": answer_of(r)} for (s, _), r in zip(part, records)])
+                for (s, _), rec in zip(part, records):
+                    writer.add(s.id, rec)
+                    counts["written"] += 1
+                    bar.update(1)
     writer.flush()
     bar.close()
     return counts
+
+
+def _stored_answers(out_dir: Path, ids: set[str]):
+    """(id, answer token ids) of the samples ``ids`` that the complete shards of ``out_dir`` hold."""
+    from safetensors import safe_open
+
+    for shard in sorted(out_dir.glob(SHARD_GLOB)):
+        with safe_open(str(shard), "pt") as f:
+            for k, sid in enumerate(json.loads(f.metadata()["ids"])):
+                if sid in ids:
+                    yield sid, answer_of({n: f.get_tensor(f"{k}.{n}") for n in ("input_ids", "loss_mask")})
 
 
 def _log_skip(out_dir: Path, sid: str, reason: str) -> None:
@@ -379,9 +451,9 @@ class OnlineDataset(torch.utils.data.Dataset):
         self.suffix = suffix
         self.feature_layers = list(feature_layers) if feature_layers else None
         self.tok = _prepare_tokenizer(processor)
-        mine = self.work / f"answers-{rank}-of-{world}.jsonl"
-        answers = self._read(mine)
-        todo = [s for i, s in enumerate(samples) if i % world == rank and s.id not in answers]
+        config = {"suffix": suffix, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        mine = AnswerLog(self.work / f"answers-{rank}-of-{world}.jsonl", config)
+        todo = [s for i, s in enumerate(samples) if i % world == rank and s.id not in mine]
         gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                       **({"temperature": temperature} if temperature > 0 else {}))
         bar = tqdm(total=len(todo), desc="answering", unit="sample", disable=not progress)
@@ -403,32 +475,18 @@ class OnlineDataset(torch.utils.data.Dataset):
                         lines.append({"id": s.id, "skip": "the answer holds an image placeholder id"})
                     else:
                         lines.append({"id": s.id, "answer": ans})
-            with open(mine, "a") as f:
-                f.write("".join(json.dumps(x) + "\n" for x in lines))
-            answers.update({x["id"]: x.get("answer") for x in lines})
+            mine.add(lines)
             bar.update(len(batch))
         bar.close()
         (self.work / f"answers-{rank}-of-{world}.done").touch()
         while not all((self.work / f"answers-{r}-of-{world}.done").is_file() for r in range(world)):
             time.sleep(wait_s)  # the other ranks' shares
+        answers = {}
         for r in range(world):
-            answers.update(self._read(self.work / f"answers-{r}-of-{world}.jsonl"))
+            log_r = AnswerLog(self.work / f"answers-{r}-of-{world}.jsonl", config)
+            answers.update({sid: e.get("answer") for sid, e in log_r.entries.items()})
         self.samples = [s for s in samples if answers.get(s.id)]
         self.answers = {s.id: answers[s.id] for s in self.samples}
-
-    @staticmethod
-    def _read(path: Path) -> dict:
-        if not path.is_file():
-            return {}
-        out = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    x = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interruption: that sample is answered again
-                    continue
-                out[x["id"]] = x.get("answer")
-        return out
 
     def __len__(self):
         return len(self.samples)

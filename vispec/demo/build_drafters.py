@@ -8,6 +8,9 @@
 2. ``vispec.data.generate_shards`` (what ``vispec data generate --model demo --suffix ''`` runs):
    the demo VLM answers greedily, and a second set of scenes (``--sampled``) at temperature 1,
    so that the drafters also learn what sampled answers say; shards keep its hidden states.
+   The answers' token ids are logged in ``--answers``/answers-<set>.jsonl (a few kB per sample):
+   with that folder kept (the sweep commits it), shards are rebuilt from it by one forward per
+   sample instead of a generation, the same answers, sampled ones included.
    The long-answer suffix is part of two of the six prompts rather than appended to all, so
    that the data covers the prompts the demo and the benchmark use.
 3. The draft vocabulary: the ``--draft-vocab`` most frequent answer tokens, or with
@@ -15,7 +18,8 @@
    tokens; the coverage of both answer sets is reported.
 4. ``vispec.train.train`` (what ``vispec train`` runs) trains ViSpec, EAGLE-2 and HiViS drafters
    on the same shards with the same settings: ``--epochs`` of stage 1 (feature + soft CE), then
-   ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE), and
+   ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE) at
+   ``--stage2-lr``, and
    tracks held-out tau after every epoch.
 5. Saves each final drafter in bf16 under ``--out/<kind>/`` (EAGLE-3 heads: ``--out/<kind>-eagle3/``).
 
@@ -118,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=20, help="stage 1 epochs")
     ap.add_argument("--stage2-epochs", type=int, default=0, help="then ViSpec's stage-2 objective for this many")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-lr", type=float, default=None, help="stage 2's learning rate (default: --lr)")
+    ap.add_argument("--answers", type=Path, default=None,
+                    help="folder of the answers logs (default --work): keep it to rebuild the shards without generating")
     ap.add_argument("--intermediate-size", type=int, default=768, help="drafter MLP width (the LM's is 1536)")
     ap.add_argument("--draft-vocab", type=int, default=1024)
     ap.add_argument("--draft-vocab-coverage", type=float, default=None,
@@ -143,6 +150,8 @@ def main(argv=None):
     if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1 or args.sampled < 0 \
             or args.stage2_epochs < 0:
         ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab, --sampled and --stage2-epochs >= 0")
+    if args.lr <= 0 or (args.stage2_lr is not None and args.stage2_lr <= 0):
+        ap.error("--lr and --stage2-lr must be > 0")
     if args.draft_vocab_coverage is not None and not 0 < args.draft_vocab_coverage <= 1:
         ap.error("--draft-vocab-coverage must be in (0, 1]")
     weights = args.vision_weights or vision_weights_path(args.image_tokens)
@@ -164,7 +173,8 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # sampled answers: reproducible
         counts = generate_shards(model, processor, load_samples(samples_file), args.work / f"shards-{name}",
                                  images_root=folder / "images", suffix=args.suffix, max_new_tokens=args.max_new_tokens,
-                                 batch_size=8, temperature=temperature, feature_layers=layers)
+                                 batch_size=8, temperature=temperature, feature_layers=layers,
+                                 answers_file=(args.answers or args.work) / f"answers-{name}.jsonl")
         print(f"data ({name}): {counts}", flush=True)
         sets[name] = ShardDataset(args.work / f"shards-{name}")
     dataset = torch.utils.data.ConcatDataset(list(sets.values()))
@@ -200,7 +210,8 @@ def main(argv=None):
             for stage, epochs in ((1, args.epochs), (2 if args.stage2 == "vispec" else "hivis", args.stage2_epochs)):
                 if epochs == 0:
                     continue
-                cfg = TrainConfig(stage=stage, epochs=epochs, lr=args.lr, warmup_steps=50, seed=args.seed, log_every=20,
+                lr = args.lr if stage == 1 or args.stage2_lr is None else args.stage2_lr
+                cfg = TrainConfig(stage=stage, epochs=epochs, lr=lr, warmup_steps=50, seed=args.seed, log_every=20,
                                   ttt_steps=args.ttt_steps if gen == 3 and stage != "hivis" else None,
                                   select_topk=args.select_topk if stage == "hivis" else None)
                 res = train(model, drafter, dataset, cfg, run_dir / f"train-{name}" / f"stage{stage}", eval_inputs=held,
