@@ -25,6 +25,7 @@ since speculative decoding only speeds up decoding. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -232,34 +233,42 @@ def run_demo(args, device):
     import random
 
     from vispec.demo import (DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, drafter_label, drafter_names,
-                             load_demo_drafter, prompt)
+                             drafter_path, prompt)
     from vispec.demo.model import vision_weights_path
     from vispec.demo.scenes import make_scene, score
     from vispec.demo.model import scene_size
     from vispec.drafters import load_drafter
 
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    sources = {}  # method -> the drafter's folder
+    if args.drafters:  # every drafter each folder holds, EAGLE-2 heads then EAGLE-3 heads
+        for i, folder in enumerate(args.drafters):
+            wanted = args.only or drafter_names((2, 3))
+            found = [k for k in wanted if (folder / k / "config.json").is_file()]
+            if not found or (args.only and len(found) < len(wanted)):
+                raise SystemExit(f"{folder} holds {'not all' if found else 'none'} of the demo drafters "
+                                 f"({', '.join(wanted)})")
+            for k in found:  # several folders (training seeds): methods "<kind>@<folder index>"
+                sources[k if len(args.drafters) == 1 else f"{k}@{i}"] = folder / k
+        names = {key: drafter_label(key.partition("@")[0]) + ("" if "@" not in key else f" [{src.parent.name}]")
+                 for key, src in sources.items()}
+    else:
+        sources = {k: drafter_path(k) for k in DRAFTER_KINDS}
+        names = {k: drafter_label(k) for k in sources}
+    for key, src in sources.items():
+        if not (src / "config.json").is_file():
+            raise SystemExit(f"{src} holds no drafter; rebuild them with `python -m vispec.demo.build_drafters`")
+    tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
+    journal = demo_journal(args, sources, tree, device)  # other settings than its journal's: refused before any work
     model, processor = build_demo_vlm(args.vision_weights or vision_weights_path(args.image_tokens),
                                       image_tokens=args.image_tokens)
     model.to(device)
     tok = processor.tokenizer
-    if args.drafters:  # every drafter each folder holds, EAGLE-2 heads then EAGLE-3 heads
-        drafters, names = {}, {}
-        for i, folder in enumerate(args.drafters):
-            found = [k for k in drafter_names((2, 3)) if (folder / k / "config.json").is_file()]
-            if not found:
-                raise SystemExit(f"{folder} holds none of the demo drafters ({', '.join(drafter_names((2, 3)))})")
-            for k in found:  # several folders (training seeds): methods "<kind>@<folder index>"
-                key = k if len(args.drafters) == 1 else f"{k}@{i}"
-                drafters[key] = load_drafter(folder / k, model)
-                names[key] = drafter_label(k) + ("" if len(args.drafters) == 1 else f" [{folder.name}]")
-    else:
-        drafters = {k: load_demo_drafter(k, model) for k in DRAFTER_KINDS}
-        names = {k: drafter_label(k) for k in drafters}
+    drafters = {key: load_drafter(src, model) for key, src in sources.items()}
     if args.compile:  # the same drafters again, their tree forwards under torch.compile
         for k in [k for k in drafters if "@" not in k or k.endswith("@0")]:
             drafters[k + COMPILED] = drafters[k]
             names[k + COMPILED] = names.get(k, drafter_label(k)) + " (compiled)"
-    tree = TreeConfig(*(args.demo_tree or DEMO_TREE))
     pairs = []
     for i in range(args.images):
         scene = make_scene(random.Random(EVAL_SEED + i), size=scene_size(model))
@@ -273,51 +282,66 @@ def run_demo(args, device):
                 vispec.generate(model, d, **inp, max_new_tokens=48, tree=tree, compile=True)
         else:
             vispec.generate(model, d, **pairs[0][2], max_new_tokens=4, tree=tree)
+
+    def unit(key, compute):
+        """One resumable unit of the run: its journaled value, or computed now (and journaled). Values go
+        through JSON either way, so a resumed run reads exactly what a fresh one computes."""
+        if journal is not None and key in journal:
+            return journal[key]["value"]
+        if deadline is not None and time.time() > deadline:
+            raise Stopped(f"--max-minutes {args.max_minutes:g} reached before {key}")
+        value = json.loads(json.dumps(compute()))
+        if journal is not None:
+            journal.add([{"key": key, "value": value}])
+        return value
+
+    def pair_unit(temp, i, scene, inp):
+        """model.generate, prompt lookup and every drafter on pair i at temp, back to back (same-unit ratios)."""
+        sample = temp > 0
+        hf = dict(do_sample=sample, **({"temperature": temp, "top_k": 0} if sample else {}))  # vispec samples without top-k
+        p = inp["input_ids"].shape[1]
+        torch.manual_seed(i)
+        ref, t_plain = timed(lambda: model.generate(**inp, max_new_tokens=max_new, **hf), device)
+        out = {"methods": {"plain": dict(time=t_plain, tokens=ref.shape[1] - p)}, "facts": None, "row": None}
+        if not sample:
+            out["facts"] = score(tok.decode(ref[0, p:], skip_special_tokens=True), scene)
+        torch.manual_seed(i)
+        # HF's prompt lookup copies n-gram continuations from the prompt, image placeholders included (which
+        # then fail LLaVA's image/feature count check); its logits processors veto candidates, so suppressing
+        # the placeholder (which the model never emits: equality with plain generate is checked) keeps them out.
+        o, t = timed(lambda: model.generate(**inp, max_new_tokens=max_new, prompt_lookup_num_tokens=10,
+                                            suppress_tokens=[model.config.image_token_id], **hf), device)
+        out["methods"]["lookup"] = dict(time=t, tokens=o.shape[1] - p, same=sample or torch.equal(o, ref))
+        for k, d in drafters.items():
+            o, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=tree,
+                                                 temperature=temp, seed=i, compile=k.endswith(COMPILED)), device)
+            out["methods"][k] = dict(time=t, tokens=o.sequences.shape[1] - p, same=sample or torch.equal(o.sequences, ref),
+                                     draft_time=o.stats.time_draft, spec_time=o.stats.time_total,
+                                     accepted=o.stats.accepted_draft_tokens, steps=o.stats.row_steps,
+                                     hist=list(o.stats.accept_len_hist))
+        if not sample:
+            out["row"] = (ref.shape[1] - p, t_plain, {k: out["methods"][k]["time"] for k in drafters})
+        return out
+
     results = {}
     facts = [0, 0]
     per_pair = []  # T=0: (plain answer length, plain seconds, {kind: seconds})
     for temp in args.temperatures:
-        sample = temp > 0
-        hf = dict(do_sample=sample, **({"temperature": temp, "top_k": 0} if sample else {}))  # vispec samples without top-k
         acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0, hist=[], draft_time=0.0, spec_time=0.0)
                for m in ["plain", "lookup", *drafters]}
         for i, (scene, q, inp) in enumerate(tqdm(pairs, desc=f"demo T={temp:g}", file=sys.stderr)):
-            p = inp["input_ids"].shape[1]
-            torch.manual_seed(i)
-            ref, t = timed(lambda: model.generate(**inp, max_new_tokens=max_new, **hf), device)
-            t_plain = t
-            acc["plain"]["time"] += t
-            acc["plain"]["tokens"] += ref.shape[1] - p
-            if not sample:
-                g, n = score(tok.decode(ref[0, p:], skip_special_tokens=True), scene)
-                facts[0] += g
-                facts[1] += n
-            torch.manual_seed(i)
-            # HF's prompt lookup copies n-gram continuations from the prompt, image placeholders included (which
-            # then fail LLaVA's image/feature count check); its logits processors veto candidates, so suppressing
-            # the placeholder (which the model never emits: equality with plain generate is checked) keeps them out.
-            out, t = timed(lambda: model.generate(**inp, max_new_tokens=max_new, prompt_lookup_num_tokens=10,
-                                                  suppress_tokens=[model.config.image_token_id], **hf), device)
-            a = acc["lookup"]
-            a["time"] += t
-            a["tokens"] += out.shape[1] - p
-            a["same"] &= sample or torch.equal(out, ref)
-            row = (ref.shape[1] - p, t_plain, {})
-            for k, d in drafters.items():
-                out, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=tree,
-                                                       temperature=temp, seed=i, compile=k.endswith(COMPILED)), device)
-                row[2][k] = t
-                a = acc[k]
-                a["draft_time"] += out.stats.time_draft
-                a["spec_time"] += out.stats.time_total
-                a["time"] += t
-                a["tokens"] += out.sequences.shape[1] - p
-                a["same"] &= sample or torch.equal(out.sequences, ref)
-                a["accepted"] += out.stats.accepted_draft_tokens
-                a["steps"] += out.stats.row_steps
-                a["hist"] = [x + y for x, y in zip_longest(a["hist"], out.stats.accept_len_hist, fillvalue=0)]
-            if not sample:
-                per_pair.append(row)
+            u = unit(f"pair/{temp:g}/{i}", lambda: pair_unit(temp, i, scene, inp))
+            for m, v in u["methods"].items():
+                a = acc[m]
+                for f in ("time", "tokens", "accepted", "steps", "draft_time", "spec_time"):
+                    a[f] += v.get(f, 0)
+                a["same"] &= v.get("same", True)
+                a["hist"] = [x + y for x, y in zip_longest(a["hist"], v.get("hist", []), fillvalue=0)]
+            if u["facts"] is not None:
+                facts[0] += u["facts"][0]
+                facts[1] += u["facts"][1]
+            if u["row"] is not None:
+                per_pair.append(u["row"])
         base = acc["plain"]["tokens"] / acc["plain"]["time"]
         for m, a in acc.items():
             a["tok_s"] = a["tokens"] / a["time"]
@@ -325,64 +349,98 @@ def run_demo(args, device):
             a["tau"] = a["accepted"] / a["steps"] if a["steps"] else None
         results[temp] = acc
     # The drafter's prefill length against the target's input (HiViS reports 0.7-1.3%): a prefill-only call.
-    prefill_frac = {}
-    for k, d in (drafters.items() if args.prefill_pairs else ()):  # (0 pairs: not measured, not reported)
-        if k.endswith(COMPILED):
-            continue
+    def prefill_unit(d):
         fr = []
         for scene, q, inp in pairs[: args.prefill_pairs]:
             vispec.generate(model, d, **inp, max_new_tokens=1, tree=tree)  # prefill + first token: no extend
             fr.append(float(d.state.lens[0]) / inp["input_ids"].shape[1])
-        prefill_frac[k] = sum(fr) / max(len(fr), 1)
+        return sum(fr) / max(len(fr), 1)
+
+    prefill_frac = {k: unit(f"prefill/{k}", lambda: prefill_unit(d))  # (0 pairs: not measured, not reported)
+                    for k, d in (drafters.items() if args.prefill_pairs else ()) if not k.endswith(COMPILED)}
     # The secondary measurements (batches, text-only prompts, depth sweep) run on the first folder's drafters.
     first = {k: d for k, d in drafters.items() if ("@" not in k or k.endswith("@0")) and not k.endswith(COMPILED)}
-    batched = run_demo_batches(model, processor, first, pairs, args, device, tree) if args.batches else {}
-    text_only = run_demo_text_only(model, processor, first, args, device, tree) if args.text_only else {}
-    sweep = {}
-    if args.depth_sweep:
-        for k, d in first.items():
-            for depth in range(1, args.max_depth + 1):
-                pool = tree.top_k + (depth - 1) * tree.top_k ** 2
-                t = TreeConfig(min(tree.total_tokens, pool), depth, tree.top_k)
-                a = s_ = 0
-                for scene, q, inp in pairs[: args.depth_sweep]:
-                    out = vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=t)
-                    a += out.stats.accepted_draft_tokens
-                    s_ += out.stats.row_steps
-                sweep.setdefault(k, []).append(a / max(s_, 1))
+    batched = {bsz: unit(f"batch/{bsz}", lambda: run_demo_batch(model, processor, first, pairs, args, device, tree, bsz))
+               for bsz in args.batches}
+    text_only = unit("text_only", lambda: run_demo_text_only(model, processor, first, args, device, tree)) \
+        if args.text_only else {}
+
+    def sweep_unit(d):
+        taus = []
+        for depth in range(1, args.max_depth + 1):
+            pool = tree.top_k + (depth - 1) * tree.top_k ** 2
+            t = TreeConfig(min(tree.total_tokens, pool), depth, tree.top_k)
+            a = s_ = 0
+            for scene, q, inp in pairs[: args.depth_sweep]:
+                out = vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=t)
+                a += out.stats.accepted_draft_tokens
+                s_ += out.stats.row_steps
+            taus.append(a / max(s_, 1))
+        return taus
+
+    sweep = {k: unit(f"depth_sweep/{k}", lambda: sweep_unit(d)) for k, d in first.items()} if args.depth_sweep else {}
     return dict(results=results, sweep=sweep, facts=facts, tree=tree, names=names, n_pairs=len(pairs),
                 n_prompts=len(PROMPTS), per_pair=per_pair, prefill_frac=prefill_frac, batched=batched,
                 text_only=text_only, image_tokens=args.image_tokens)
 
 
-def run_demo_batches(model, processor, drafters, pairs, args, device, tree):
-    """Throughput at batch sizes > 1 (greedy): consecutive pairs padded into one batch, vispec against
+class Stopped(Exception):
+    """A demo run stopped at --max-minutes; its journal holds what it finished (exit status 3: resumable)."""
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def demo_journal(args, sources, tree, device):
+    """The --journal of a demo run, under everything its units depend on: the model's vision weights, every
+    drafter's files (by content), the tree, the prompts and the measurement settings."""
+    if args.journal is None:
+        return None
+    from vispec.demo.model import vision_weights_path
+    from vispec.journal import Journal
+
+    files = {k: {f.name: file_digest(f) for f in sorted(src.glob("*")) if f.is_file()} for k, src in sources.items()}
+    config = dict(image_tokens=args.image_tokens, device=str(device), max_new=args.max_new, images=args.images,
+                  compile=args.compile,
+                  vision=file_digest(args.vision_weights or vision_weights_path(args.image_tokens)),
+                  drafters=files, tree=list(vars(tree).values()), prefill_pairs=args.prefill_pairs,
+                  batch_groups=args.batch_groups, text_only=args.text_only, depth_sweep=args.depth_sweep,
+                  max_depth=args.max_depth)
+    return Journal(args.journal, config)
+
+
+def run_demo_batch(model, processor, drafters, pairs, args, device, tree, bsz):
+    """Throughput at batch size ``bsz`` (greedy): consecutive pairs padded into one batch, vispec against
     batched model.generate on the same batch; outputs must be identical."""
     from vispec.demo import prompt
 
     tok = processor.tokenizer
     tok.padding_side = "left"
-    out = {}
-    for bsz in args.batches:
-        groups = [pairs[i : i + bsz] for i in range(0, len(pairs) - bsz + 1, bsz)][: args.batch_groups]
-        acc = {m: dict(time=0.0, tokens=0, same=True) for m in ["plain", *drafters]}
-        for g in groups:
-            inp = processor(text=[prompt(processor, q) for _, q, _ in g], images=[s.image for s, _, _ in g],
-                            return_tensors="pt", padding=True).to(device)
-            p = inp["input_ids"].shape[1]
-            ref, t = timed(lambda: model.generate(**inp, max_new_tokens=args.max_new, do_sample=False), device)
-            pad = model.generation_config.pad_token_id
-            acc["plain"]["time"] += t
-            acc["plain"]["tokens"] += int((ref[:, p:] != pad).sum())
-            for k, d in drafters.items():
-                o, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=args.max_new, tree=tree), device)
-                acc[k]["time"] += t
-                acc[k]["tokens"] += int((o.sequences[:, p:] != pad).sum())
-                acc[k]["same"] &= torch.equal(o.sequences, ref)
-        base = acc["plain"]["tokens"] / max(acc["plain"]["time"], 1e-9)
-        out[bsz] = {m: dict(tok_s=a["tokens"] / max(a["time"], 1e-9), speedup=a["tokens"] / max(a["time"], 1e-9) / base,
-                            same=a["same"]) for m, a in acc.items()}
-    return out
+    groups = [pairs[i : i + bsz] for i in range(0, len(pairs) - bsz + 1, bsz)][: args.batch_groups]
+    acc = {m: dict(time=0.0, tokens=0, same=True) for m in ["plain", *drafters]}
+    for g in groups:
+        inp = processor(text=[prompt(processor, q) for _, q, _ in g], images=[s.image for s, _, _ in g],
+                        return_tensors="pt", padding=True).to(device)
+        p = inp["input_ids"].shape[1]
+        ref, t = timed(lambda: model.generate(**inp, max_new_tokens=args.max_new, do_sample=False), device)
+        pad = model.generation_config.pad_token_id
+        acc["plain"]["time"] += t
+        acc["plain"]["tokens"] += int((ref[:, p:] != pad).sum())
+        for k, d in drafters.items():
+            o, t = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=args.max_new, tree=tree), device)
+            acc[k]["time"] += t
+            acc[k]["tokens"] += int((o.sequences[:, p:] != pad).sum())
+            acc[k]["same"] &= torch.equal(o.sequences, ref)
+    base = acc["plain"]["tokens"] / max(acc["plain"]["time"], 1e-9)
+    return {m: dict(tok_s=a["tokens"] / max(a["time"], 1e-9), speedup=a["tokens"] / max(a["time"], 1e-9) / base,
+                    same=a["same"]) for m, a in acc.items()}
 
 
 TEXT_PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
@@ -539,6 +597,8 @@ def plot_demo(res, names, path, label):
 
 
 def main(argv=None):
+    from vispec.demo import drafter_names
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["medium", "7b", "demo"], default="medium")
     ap.add_argument("--images", type=int, default=50, help="demo suite: held-out scenes (one prompt each)")
@@ -550,6 +610,8 @@ def main(argv=None):
     ap.add_argument("--drafters", type=Path, nargs="+", default=None,
                     help="demo suite: folder(s) of <kind>/ drafters (default: the shipped ones); several folders "
                          "(e.g. training seeds) run in one benchmark, model.generate and prompt lookup timed once")
+    ap.add_argument("--only", nargs="+", default=None, choices=drafter_names((2, 3)),
+                    help="demo suite: the drafters (folder names) taken from each --drafters folder (default: all found)")
     ap.add_argument("--prefill-pairs", type=int, default=10, help="demo suite: prompts measuring drafter prefill length")
     ap.add_argument("--batches", type=int, nargs="*", default=[], help="demo suite: batch sizes for throughput (e.g. 1 4 8)")
     ap.add_argument("--batch-groups", type=int, default=4, help="demo suite: batches per batch size")
@@ -559,6 +621,11 @@ def main(argv=None):
                          "(reduce-overhead, i.e. CUDA graphs, on a GPU) - eager vs compiled")
     ap.add_argument("--out", type=Path, default=None, help="the result markdown (default: e2e-<suite>-<device>.md in the results folder)")
     ap.add_argument("--json", type=Path, default=None, help="demo suite: also write tau / speedup per method as JSON")
+    ap.add_argument("--journal", type=Path, default=None,
+                    help="demo suite: JSON lines of every finished unit (a prompt at a temperature with all methods, a "
+                         "batch size, ...); a re-run with the same settings resumes from it")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="demo suite, with --journal: > 0 stops before a unit once this much time has passed (exit 3)")
     ap.add_argument("--max-depth", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -583,6 +650,10 @@ def main(argv=None):
         ap.error("--dtype: the demo suite runs the demo VLM in float32, as `vispec demo` does")
     if any(t < 0 for t in args.temperatures):
         ap.error("--temperatures must be >= 0")
+    if args.max_minutes < 0 or (args.max_minutes and not args.journal):
+        ap.error("--max-minutes must be >= 0, and needs --journal (a stopped run resumes from it)")
+    if args.journal and args.suite != "demo":
+        ap.error("--journal: only the demo suite runs in resumable units")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # A CPU verifies a big tree slowly (it is compute-bound), so CPU runs use small trees.
     if args.eagle_tree is None:
@@ -601,7 +672,11 @@ def main(argv=None):
         "",
     ]
     if args.suite == "demo":
-        res = run_demo(args, device)
+        try:
+            res = run_demo(args, device)
+        except Stopped as e:
+            print(f"stopped: {e}; {args.journal} holds the finished units, re-run to continue", flush=True)
+            sys.exit(3)
         lines, names = write_demo(res, args, label)
         print("\n".join(lines), flush=True)
         name = "e2e-demo" + ("" if args.image_tokens == 36 else f"-{args.image_tokens}") + ("-quick" if args.quick else "")
