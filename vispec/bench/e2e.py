@@ -253,7 +253,7 @@ def run_demo(args, device):
         names = {key: drafter_label(key.partition("@")[0]) + ("" if "@" not in key else f" [{src.parent.name}]")
                  for key, src in sources.items()}
     else:
-        sources = {k: drafter_path(k) for k in DRAFTER_KINDS}
+        sources = {k: drafter_path(k, args.image_tokens) for k in DRAFTER_KINDS}
         names = {k: drafter_label(k) for k in sources}
     for key, src in sources.items():
         if not (src / "config.json").is_file():

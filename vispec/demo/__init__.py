@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import IMAGE_TOKEN, WEIGHTS, build_demo_vlm, prompt, vision_state_dict
+from .model import DEFAULT_IMAGE_TOKENS, IMAGE_TOKEN, WEIGHTS, build_demo_vlm, check_image_tokens, prompt, vision_state_dict
 
 HERE = Path(__file__).parent
 DRAFTERS_DIR = HERE / "weights"
@@ -53,10 +53,15 @@ def drafter_names(generations=(2,)) -> list[str]:
     return [drafter_dir_name(k, g) for g in generations for k in DRAFTER_KINDS]
 
 
-def drafter_path(kind: str) -> Path:
+def drafters_dir(image_tokens: int = DEFAULT_IMAGE_TOKENS) -> Path:
+    """Where the package keeps the drafters of the demo VLM with ``image_tokens`` image tokens per image."""
+    return DRAFTERS_DIR if check_image_tokens(image_tokens) == 36 else DRAFTERS_DIR / f"drafters-{image_tokens}"
+
+
+def drafter_path(kind: str, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> Path:
     if kind not in DRAFTER_KINDS:
         raise ValueError(f"unknown demo drafter {kind!r}; choose from {', '.join(DRAFTER_KINDS)}")
-    return DRAFTERS_DIR / kind
+    return drafters_dir(image_tokens) / kind
 
 
 def load_demo_drafter(kind: str, model):
@@ -69,6 +74,6 @@ def load_demo_drafter(kind: str, model):
     return load_drafter(path, model)
 
 
-__all__ = ["build_demo_vlm", "load_demo_drafter", "prompt", "vision_state_dict", "drafter_path", "DEMO_IMAGE",
+__all__ = ["build_demo_vlm", "load_demo_drafter", "prompt", "vision_state_dict", "drafter_path", "drafters_dir", "DEMO_IMAGE",
            "DEMO_PROMPT", "DEMO_TREE", "PROMPTS", "EVAL_SEED", "DRAFT_DATA_SEED", "DRAFTER_KINDS", "IMAGE_TOKEN", "WEIGHTS",
            "drafter_dir_name", "drafter_label", "drafter_names"]

@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", choices=DRAFTER_KINDS, default=list(DRAFTER_KINDS))
     ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2],
                     help="drafter heads: 2 = EAGLE-2, 3 = EAGLE-3 (each kind on each)")
+    ap.add_argument("--eagle3-layers", action="store_true",
+                    help="store the target layer states EAGLE-3 heads read even without --generations 3 (so that "
+                         "EAGLE-2 and EAGLE-3 runs share one set of shards)")
     ap.add_argument("--ttt-steps", type=int, default=None, help="EAGLE-3 heads' training-time test (default 7)")
     ap.add_argument("--epochs", type=int, default=20, help="stage 1 epochs")
     ap.add_argument("--stage2-epochs", type=int, default=0, help="then ViSpec's stage-2 objective for this many")
@@ -162,7 +165,8 @@ def main(argv=None):
     model, processor = build_demo_vlm(weights, image_tokens=args.image_tokens)
     from ..drafters.eagle import eagle3_layers
 
-    layers = eagle3_layers(model.config.get_text_config().num_hidden_layers) if 3 in args.generations else None
+    layers = eagle3_layers(model.config.get_text_config().num_hidden_layers) \
+        if 3 in args.generations or args.eagle3_layers else None
     sets = {}
     for name, n, seed0, temperature in (("greedy", args.samples, DRAFT_DATA_SEED, 0.0),
                                         ("sampled", args.sampled, SAMPLED_DATA_SEED, 1.0)):

@@ -2,39 +2,53 @@
 plotted against the number of image tokens per drafter kind (the ViSpec paper's Section 4.1 argument,
 measured).
 
-    python -m vispec.demo.sweep --work /tmp/sweep                      # 36, 144, 576 tokens; hours on a CPU
+    python -m vispec.demo.sweep --work /tmp/sweep                      # 36, 144, 576 tokens; many hours on a CPU
     python -m vispec.demo.sweep --work /tmp/sweep --max-minutes 150    # one session's chunk; re-run to continue
+
+A session's disk does not outlive it, so what later chunks need is kept small and in ``--state``
+(``benchmarks/sweep/<N>/`` in the repository, committed after each chunk): the answers the data is
+rebuilt from, every benchmark's journal and result, every training's summary. Everything else
+(shards, checkpoints, drafters other than the shipped ones) lives in ``--work`` and is rebuilt.
 
 For each image-token count N, in order, each step skipped when its output exists (so the command resumes):
 
 1. vision weights: the package's for N (``vispec/demo/weights/vision[-N].safetensors``) when their
    metadata marks them complete, else ``python -m vispec.demo.train_vision --image-tokens N --resume``
    trains (or finishes) them there, checkpointed;
-2. drafters: ``python -m vispec.demo.build_drafters`` with identical settings for every N, once per
-   seed (``--seeds`` for the largest N, ``--other-seeds`` for the others);
-3. benchmark: ``vispec bench e2e --suite demo --image-tokens N --drafters ...`` per seed (JSON);
-4. ablations at the largest N, before the other counts (seed 0, the same data and settings, one part changed each, see
-   ``ABLATIONS``): trained by build_drafters ``--variant``, benchmarked against the seed-0 drafters in
-   one run (``--ablation-bench-args``);
-5. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
+2. per (seed, head generation) unit (``--seeds`` x ``--generations`` at the largest N, ``--other-seeds``
+   and EAGLE-2 heads at the others): the three drafter kinds trained by ``python -m
+   vispec.demo.build_drafters`` with identical settings (the data from ``--state``'s answers logs), then
+   benchmarked at once by ``vispec bench e2e --suite demo`` with a journal in ``--state``
+   (``bench-seed<s>-gen<g>``), so that a unit stopped by the session's end resumes. The largest N's seed-0
+   drafters are trained into the package (``vispec/demo/weights/drafters-<N>/``), where they ship; the
+   others into ``--work``. A training starts only with ``--train-minutes`` left (it would not finish,
+   and its checkpoints do not outlive the session);
+3. ablations at the largest N, right after its first unit (seed 0, the same data and settings, one part
+   changed each, see ``ABLATIONS``): each trained by build_drafters ``--variant`` and benchmarked on the
+   same prompts as the seed-0 drafters (``bench-ablation-<name>``);
+4. the table and plot: ``benchmarks/results/demo-sweep-<device>.md`` / ``.png``, mean and min-max
    over seeds of tau and speedup per kind and temperature, and the ablation table.
 
-Steps run as subprocesses (each one resumable on its own); ``--max-minutes`` stops before starting
-a step once that much time has passed.
+Steps run as subprocesses (each resumable on its own); ``--max-minutes`` stops before a step, and
+inside a benchmark before a unit, once that much time has passed (exit 3: re-run to continue).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import drafter_label, drafter_names
+from . import drafter_label, drafter_names, drafters_dir
 from .model import GEOMETRY, vision_weights_path, weights_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
+# build_drafters' settings, the same at every count: greedy and temperature-1 answers, a draft vocabulary covering
+# 99% of the sampled answers' tokens, 20 epochs of stage 1 and 4 of ViSpec's stage-2 objective.
+BUILD_ARGS = "--samples 320 --sampled 160 --stage2-epochs 4 --draft-vocab-coverage 0.99"
 # name -> what build_drafters trains differently (ViSpec's global feature and compressed-token count,
 # HiViS's residual vectors and its stage-2 objective); everything else as the seed-0 drafters.
 ABLATIONS = {
@@ -43,24 +57,6 @@ ABLATIONS = {
     "hivis-residuals": ("HiViS with 4 step residuals", ["--kinds", "hivis", "--hivis-residuals", "4"]),
     "hivis-stage2": ("HiViS with its own stage 2 (self-feedback, data selection)", ["--kinds", "hivis", "--stage2", "hivis"]),
 }
-
-
-def split_seeds(res: dict, seeds: list[int], work: Path) -> None:
-    """A benchmark JSON over several seeds' drafters ("<kind>@<i>") -> bench-seed<seed>.json each, with the
-    shared baselines (plain, lookup) in every one."""
-    for i, seed in enumerate(seeds):
-        per = {}
-        for temp, methods in res["results"].items():
-            per[temp] = {}
-            for m, a in methods.items():
-                kind, _, at = m.partition("@")
-                if not at and len(seeds) > 1 and m not in ("plain", "lookup"):
-                    continue
-                if not at or int(at) == i:
-                    per[temp][kind] = a
-        pf = {k.partition("@")[0]: v for k, v in res.get("prefill_frac", {}).items()
-              if "@" not in k or int(k.partition("@")[2]) == i}
-        (work / f"bench-seed{seed}.json").write_text(json.dumps({**res, "results": per, "prefill_frac": pf}, indent=1))
 
 
 def method_label(method: str) -> str:
@@ -87,19 +83,18 @@ def aggregate(runs: dict[int, list[dict]]) -> dict:
     return out
 
 
-def ablation_report(res: dict, folders: list[str]) -> list[str]:
-    """The ablation benchmark ("<kind>@<i>" = drafter kind from folder i) as a table per temperature."""
-    named = {"drafters-seed0": "seed 0", **{f"ablation-{k}": v[0] for k, v in ABLATIONS.items()}}
-    lines = ["## Ablations (largest image-token count, seed 0, one benchmark run)", "",
+def ablation_report(reference: dict, ablations: dict[str, dict]) -> list[str]:
+    """Each ablation's benchmark next to the seed-0 drafters' (same prompts and settings), per temperature."""
+    lines = ["## Ablations (largest image-token count, seed 0, the same prompts)", "",
              "| temperature | drafter | trained as | tau | speedup |", "|---|---|---|---|---|"]
-    for temp, methods in res["results"].items():
-        for m, a in methods.items():
-            kind, _, at = m.partition("@")
-            if not at:
-                continue
-            tau = "-" if a["tau"] is None else f"{a['tau']:.2f}"
-            lines.append(f"| {temp} | {method_label(kind)} | {named.get(folders[int(at)], folders[int(at)])} | {tau} | "
-                         f"{a['speedup']:.2f}x |")
+    for temp, methods in reference["results"].items():
+        for name, res in [("seed 0", reference)] + [(ABLATIONS[a][0], r) for a, r in ablations.items()]:
+            for m, a in res["results"].get(temp, {}).items():
+                if m in ("plain", "lookup") or (name == "seed 0" and not any(m in r["results"].get(temp, {})
+                                                                            for r in ablations.values())):
+                    continue
+                tau = "-" if a["tau"] is None else f"{a['tau']:.2f}"
+                lines.append(f"| {temp} | {method_label(m)} | {name} | {tau} | {a['speedup']:.2f}x |")
     return lines + [""]
 
 
@@ -157,97 +152,104 @@ def plot(agg: dict, path: Path, label: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True, help="scratch (shards, checkpoints, unshipped drafters)")
+    ap.add_argument("--state", type=Path, default=ROOT / "benchmarks" / "sweep",
+                    help="what later chunks need, small: answers logs, benchmark journals and results (commit it)")
     ap.add_argument("--tokens", type=int, nargs="+", default=sorted(GEOMETRY), choices=sorted(GEOMETRY))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="drafter seeds at the largest count")
     ap.add_argument("--other-seeds", type=int, nargs="+", default=[0], help="drafter seeds at the other counts")
-    ap.add_argument("--build-args", default="--samples 320 --sampled 160 --stage2-epochs 4 --draft-vocab-coverage 0.99",
-                    help="extra arguments of build_drafters, the same for every count")
-    ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2],
+    ap.add_argument("--build-args", default=BUILD_ARGS, help="extra arguments of build_drafters, the same for every count")
+    ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2, 3],
                     help="drafter heads trained at the largest count (the others: EAGLE-2 only)")
-    ap.add_argument("--bench-args", default="--images 100 --batches 1 4 8 --text-only 6", help="extra bench_e2e arguments")
+    ap.add_argument("--bench-args", default="--images 40", help="extra bench_e2e arguments of every benchmark")
+    ap.add_argument("--first-bench-args", default="--batches 1 4 8 --text-only 6 --depth-sweep 8",
+                    help="more for each count's seed-0 EAGLE-2 unit (the others: no batches, prefill or depth sweep)")
     ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
                     help="ablations trained and benchmarked at the largest count (none: skip)")
-    ap.add_argument("--ablation-bench-args", default="--images 40 --depth-sweep 0 --prefill-pairs 0",
-                    help="extra bench_e2e arguments of the ablation run")
-    ap.add_argument("--max-minutes", type=float, default=0, help="> 0: start no step after this many minutes")
-    ap.add_argument("--report-only", action="store_true", help="only aggregate the benchmark JSON already in --work")
+    ap.add_argument("--max-minutes", type=float, default=0, help="> 0: start no step (or benchmark unit) after this")
+    ap.add_argument("--train-minutes", type=float, default=50,
+                    help="with --max-minutes: start a training only with this many minutes left")
+    ap.add_argument("--report-only", action="store_true", help="only aggregate the results already in --state")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the table and plot go")
     args = ap.parse_args(argv)
     t0 = time.time()
 
-    def out_of_time() -> bool:
-        return bool(args.max_minutes) and time.time() - t0 > 60 * args.max_minutes
+    def left() -> float:
+        return args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else float("inf")
 
-    def run(cmd: list[str]) -> int:
+    class OutOfTime(Exception):
+        pass
+
+    def run(cmd: list[str], train: bool = False) -> None:
+        if left() <= 0 or (train and left() < args.train_minutes):
+            raise OutOfTime(" ".join(cmd[2:5]))
+        if left() != float("inf") and not train:
+            cmd = cmd + ["--max-minutes", f"{left():.1f}"]
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.run(cmd, cwd=ROOT).returncode
-        if rc not in (0, 3):  # 3: a step stopped at its time limit, resumable
+        if rc == 3:  # stopped at its time limit, resumable
+            raise OutOfTime(" ".join(cmd[2:5]))
+        if rc != 0:
             raise SystemExit(f"step failed (exit {rc}): {' '.join(cmd)}")
-        return rc
 
     py = sys.executable
     biggest = max(args.tokens)
-    ablation_json = args.work / str(biggest) / "bench-ablations.json"
-    folders = ["drafters-seed0"] + [f"ablation-{a}" for a in args.ablations]
 
-    def run_ablations() -> None:
-        """Step 4, once the largest count's seed-0 drafters are benchmarked (before the other counts)."""
-        work = args.work / str(biggest)
-        if not args.ablations or ablation_json.is_file() or not (work / "bench-seed0.json").is_file():
+    def bench(n: int, weights: Path, folder: Path, names: list[str], name: str, extra: str) -> None:
+        state = args.state / str(n)
+        if (state / f"{name}.json").is_file():
             return
-        for a in args.ablations:
-            out = work / f"ablation-{a}"
-            if any((out / k / "config.json").is_file() for k in drafter_names([2])):
-                continue
-            if out_of_time():
-                return
-            run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(biggest),
-                 "--vision-weights", str(vision_weights_path(biggest)), "--out", str(out), "--seed", "0",
-                 "--variant", a, "--generations", "2", *args.build_args.split(), *ABLATIONS[a][1]])
-        if not out_of_time():
-            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(biggest), "--vision-weights",
-                 str(vision_weights_path(biggest)), "--drafters", *[str(work / f) for f in folders],
-                 "--out", str(work / "bench-ablations.md"), "--json", str(ablation_json),
-                 *args.ablation_bench_args.split()])
+        run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
+             str(weights), "--drafters", str(folder), "--only", *names, "--journal", str(state / f"{name}.jsonl"),
+             "--out", str(state / f"{name}.md"), "--json", str(state / f"{name}.json"),
+             *args.bench_args.split(), *extra.split()])
 
-    for n in [] if args.report_only else args.tokens:
-        work = args.work / str(n)
-        weights = vision_weights_path(n)  # trained (or finished) in the package: the one that ships
-        if not (weights.is_file() and weights_metadata(weights).get("complete") == "1"):
-            if out_of_time():
-                break
-            left = args.max_minutes - (time.time() - t0) / 60
-            minutes = ["--max-minutes", f"{max(1.0, left):.0f}"] if args.max_minutes else []
-            if run([py, "-m", "vispec.demo.train_vision", "--image-tokens", str(n), "--resume", "--out",
-                    str(weights), "--bf16", *minutes]) == 3:
-                break
-        seeds = args.seeds if n == biggest else args.other_seeds
-        gens = args.generations if n == biggest else [2]
+    def build(n: int, weights: Path, out: Path, seed: int, gens: list[int], extra: list[str], summary: str) -> None:
+        work, state = args.work / str(n), args.state / str(n)
+        run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--answers", str(state), "--image-tokens",
+             str(n), "--vision-weights", str(weights), "--out", str(out), "--seed", str(seed),
+             "--generations", *map(str, gens), *(["--eagle3-layers"] if n == biggest and 3 in args.generations else []),
+             *args.build_args.split(), *extra], train=True)
+        variant = next((extra[i + 1] for i, x in enumerate(extra) if x == "--variant"), "")
+        done = work / (f"seed-{seed}" + (f"-{variant}" if variant else "")) / "summary.json"
+        shutil.copyfile(done, state / f"{summary}.json")
+
+    quiet = "--depth-sweep 0 --prefill-pairs 0"
+    try:
+        for n in [] if args.report_only else args.tokens:
+            (args.state / str(n)).mkdir(parents=True, exist_ok=True)
+            weights = vision_weights_path(n)  # trained (or finished) in the package: the one that ships
+            if not (weights.is_file() and weights_metadata(weights).get("complete") == "1"):
+                run([py, "-m", "vispec.demo.train_vision", "--image-tokens", str(n), "--resume", "--out",
+                     str(weights), "--bf16"])
+                if weights_metadata(weights).get("complete") != "1":
+                    raise OutOfTime("vision training")
+            for seed in args.seeds if n == biggest else args.other_seeds:
+                for gen in args.generations if n == biggest else [2]:
+                    folder = drafters_dir(n) if n == biggest and seed == 0 else args.work / str(n) / f"drafters-seed{seed}"
+                    names = drafter_names([gen])
+                    unit = f"seed{seed}-gen{gen}"
+                    first = seed == min(args.seeds if n == biggest else args.other_seeds) and gen == 2
+                    if not (args.state / str(n) / f"bench-{unit}.json").is_file():
+                        if not all((folder / k / "config.json").is_file() for k in names):
+                            build(n, weights, folder, seed, [gen], [], f"train-{unit}")
+                        bench(n, weights, folder, names, f"bench-{unit}", args.first_bench_args if first else quiet)
+                    if n == biggest and first:
+                        for a in args.ablations:  # about this model and these drafters: right after them
+                            out = args.work / str(n) / f"ablation-{a}"
+                            kinds = ABLATIONS[a][1][ABLATIONS[a][1].index("--kinds") + 1 :][:1]
+                            if (args.state / str(n) / f"bench-ablation-{a}.json").is_file():
+                                continue
+                            if not all((out / k / "config.json").is_file() for k in kinds):
+                                build(n, weights, out, seed, [2], ["--variant", a, *ABLATIONS[a][1]], f"train-ablation-{a}")
+                            bench(n, weights, out, kinds, f"bench-ablation-{a}", quiet)
         stopped = False
-        for seed in seeds:
-            drafters = work / f"drafters-seed{seed}"
-            if not all((drafters / k / "config.json").is_file() for k in drafter_names(gens)):
-                if out_of_time():
-                    stopped = True
-                    break
-                run([py, "-m", "vispec.demo.build_drafters", "--work", str(work), "--image-tokens", str(n),
-                     "--vision-weights", str(weights), "--out", str(drafters), "--seed", str(seed),
-                     "--generations", *map(str, gens), *args.build_args.split()])
-        results = [work / f"bench-seed{seed}.json" for seed in seeds]
-        if not (stopped or all(r.is_file() for r in results) or out_of_time()):
-            # One benchmark run for every seed's drafters: model.generate and prompt lookup are timed once,
-            # each seed's drafters against the same baseline; then one JSON per seed.
-            combined = work / "bench-all-seeds.json"
-            run([py, "-m", "vispec.bench.e2e", "--suite", "demo", "--image-tokens", str(n), "--vision-weights",
-                 str(weights), "--drafters", *[str(work / f"drafters-seed{s}") for s in seeds],
-                 "--out", str(work / "bench-all-seeds.md"), "--json", str(combined), *args.bench_args.split()])
-            split_seeds(json.loads(combined.read_text()), seeds, work)
-        if n == biggest:
-            run_ablations()
+    except OutOfTime as e:
+        print(f"out of time before {e}: re-run to continue (commit {args.state} first)", flush=True)
+        stopped = True
     runs = {}
     for n in args.tokens:
-        found = sorted((args.work / str(n)).glob("bench-seed*.json"))
+        found = sorted((args.state / str(n)).glob("bench-seed*-gen*.json"))
         if found:
             runs[n] = [json.loads(p.read_text()) for p in found]
     if not runs:
@@ -263,12 +265,16 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(agg, out.with_suffix(".png"), label)
     lines.append(f"![speedup and tau against image tokens]({out.with_suffix('.png').name})")
-    if ablation_json.is_file():
-        lines += [""] + ablation_report(json.loads(ablation_json.read_text()), folders)
+    state = args.state / str(biggest)
+    reference = state / "bench-seed0-gen2.json"
+    ablations = {a: json.loads((state / f"bench-ablation-{a}.json").read_text()) for a in args.ablations
+                 if (state / f"bench-ablation-{a}.json").is_file()}
+    if reference.is_file() and ablations:
+        lines += [""] + ablation_report(json.loads(reference.read_text()), ablations)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    done = all(len(runs.get(n, [])) == len(args.seeds if n == biggest else args.other_seeds) for n in args.tokens)
-    done = done and (not args.ablations or ablation_json.is_file())
+    want = {n: len(args.seeds) * len(args.generations) if n == biggest else len(args.other_seeds) for n in args.tokens}
+    done = not stopped and all(len(runs.get(n, [])) == k for n, k in want.items()) and len(ablations) == len(args.ablations)
     return 0 if done else 3
 
 
