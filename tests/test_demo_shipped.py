@@ -84,16 +84,24 @@ def test_train_refuses_a_draft_vocabulary_with_init(capsys, tmp_path):
     assert "--draft-vocab applies to a new drafter" in capsys.readouterr().err
 
 
-def test_build_drafters_reproduces_the_pipeline(tmp_path):
-    """The script behind the shipped drafters runs end to end (tiny sizes) and honours --num-q."""
+def test_build_drafters_reproduces_the_pipeline(tmp_path, capsys):
+    """The script behind the shipped drafters runs end to end (tiny sizes) and honours --num-q; its answers go
+    to --answers, and a re-run trains nothing that is saved and summarised already."""
     import json
 
     from vispec.demo import build_drafters
 
     out = tmp_path / "weights"
-    build_drafters.main(["--work", str(tmp_path / "work"), "--samples", "2", "--sampled", "2", "--max-new-tokens", "8",
-                         "--epochs", "1", "--stage2-epochs", "1", "--draft-vocab-coverage", "0.99", "--eval-samples", "1",
-                         "--kinds", "vispec", "--num-q", "3", "--out", str(out)])
+    argv = ["--work", str(tmp_path / "work"), "--samples", "2", "--sampled", "2", "--max-new-tokens", "8",
+            "--epochs", "1", "--stage2-epochs", "1", "--stage2-lr", "1e-4", "--draft-vocab-coverage", "0.99",
+            "--eval-samples", "1", "--kinds", "vispec", "--num-q", "3", "--out", str(out), "--answers", str(tmp_path / "a")]
+    build_drafters.main(argv)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["answers-greedy.jsonl", "answers-sampled.jsonl"]
+    assert all(len(p.read_text().splitlines()) == 3 for p in (tmp_path / "a").iterdir())  # settings + 2 answers
+    saved = (out / "vispec" / "model.safetensors").stat().st_mtime_ns
+    build_drafters.main(argv)
+    assert "vispec: already trained" in capsys.readouterr().out
+    assert (out / "vispec" / "model.safetensors").stat().st_mtime_ns == saved
     config = json.loads((out / "vispec" / "config.json").read_text())
     assert config["drafter_type"] == "vispec" and config["num_q"] == 3
     assert 0 < config["draft_vocab_size"] <= 2 * 8 + 2  # the answers' tokens (+ EOS ids), not the 49k vocabulary

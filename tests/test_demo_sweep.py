@@ -81,10 +81,7 @@ def test_sweep_order_state_and_time_limit(tmp_path, monkeypatch):
                 name = k + ("-eagle3" if gens == [3] else "")
                 (Path(arg("--out")) / name).mkdir(parents=True, exist_ok=True)
                 (Path(arg("--out")) / name / "config.json").write_text("{}")
-            variant = f"-{arg('--variant')}" if "--variant" in cmd else ""
-            run_dir = Path(arg("--work")) / f"seed-{arg('--seed')}{variant}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "summary.json").write_text("{}")
+            Path(arg("--summary")).write_text("{}")
             assert "--answers" in cmd and "--eagle3-layers" in cmd
         else:
             assert "--journal" in cmd and "--only" in cmd

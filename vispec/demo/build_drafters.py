@@ -138,6 +138,10 @@ def main(argv=None):
                     help="held-out tau after every N-th epoch (0: after each stage's last only)")
     ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summary", type=Path, default=None,
+                    help="JSON of the data and each drafter's held-out tau, updated as each drafter is saved (default "
+                         "--work/seed-<seed>/summary.json); a drafter already saved in --out and summarised there is "
+                         "not trained again")
     # Ablations (same data; train under --work/seed-<seed>-<variant>/ so the main run's checkpoints stay apart).
     ap.add_argument("--variant", default="", help="name of an ablation run (its own training folder)")
     ap.add_argument("--no-global-feature", action="store_true", help="ViSpec without the global image feature")
@@ -196,12 +200,17 @@ def main(argv=None):
     cover = {name: coverage(ds, vocab) for name, ds in sets.items()} if vocab else {}
     print(f"{len(dataset)} samples; draft vocabulary: {len(vocab) if vocab else 'the whole vocabulary'}; "
           f"answer-token coverage {cover}", flush=True)
-    summary = {"draft_vocab": len(vocab) if vocab else None, "coverage": cover}
     # The data above is shared by every seed's (and ablation's) training.
     run_dir = args.work / (f"seed-{args.seed}" + (f"-{args.variant}" if args.variant else ""))
+    summary_file = args.summary or run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary.update({"draft_vocab": len(vocab) if vocab else None, "coverage": cover})
     for gen in args.generations:
         for kind in args.kinds:
             name = drafter_dir_name(kind, gen)
+            if name in summary and (args.out / name / "config.json").is_file():
+                print(f"{name}: already trained and saved in {args.out / name}", flush=True)
+                continue
             extra = {"num_q": args.num_q, "global_feature": not args.no_global_feature} if kind == "vispec" else {}
             if kind == "hivis" and args.hivis_residuals:
                 extra["hivis_residuals"] = args.hivis_residuals
@@ -223,8 +232,9 @@ def main(argv=None):
                 history += [[stage, e, t] for e, t in res["tau_history"]]
             drafter.save_pretrained(args.out / name, dtype=torch.bfloat16)
             summary[name] = history
+            summary_file.parent.mkdir(parents=True, exist_ok=True)
+            summary_file.write_text(json.dumps(summary, indent=1))
             print(f"{name}: held-out tau per (stage, epoch) {history}; saved to {args.out / name}", flush=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
