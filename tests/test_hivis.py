@@ -103,3 +103,32 @@ def test_hivis_stage_selects_data_dynamically(gen):
     assert sel["topk"] > 0 and (gen == 3 or sel["feature"] > 0)
     loss.backward()
     assert d.residual.grad is not None and d.residual.grad[1:].abs().sum() > 0  # later steps train their rows
+
+
+def test_hivis_topk_loss_and_step_weights_are_the_releases():
+    """HiViS's top-k loss takes the target's probabilities of its top-k as they are (not renormalised over
+    the k); its stage weighs the self-fed steps alike, where EAGLE-3's test decays them by 0.8 per step."""
+    from vispec.train import TrainConfig, step_loss, topk_ce
+
+    target = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]), -1)
+    draft = torch.log_softmax(torch.tensor([[0.5, 1.0, -1.0, 2.0, 0.0]]), -1)
+    want = -sum(float(target[0, t].exp() * draft[0, t]) for t in (0, 1, 2))
+    assert abs(float(topk_ce(draft, target, k=3)) - want) < 1e-6
+    assert TrainConfig(stage="hivis").options(2)["ttt_decay"] == 1.0
+    assert TrainConfig(stage=1).options(3)["ttt_decay"] == 0.8
+    with pytest.raises(ValueError, match="ttt_decay"):
+        TrainConfig(stage="hivis", ttt_decay=0.0).options(2)
+    # The weights reach the loss: with decay 1 every step's parts count fully, more than with 0.5.
+    model = T.llama(num_hidden_layers=4)
+    d = vispec.HiViSDrafter.from_target(model, seed=0, hivis_residuals=3)
+    n, h = 14, model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    rec = dict(input_ids=torch.randint(0, 150, (n,), generator=g), hidden=torch.randn(n, h, generator=g),
+               image_mask=torch.zeros(n), image_embeds=torch.zeros(0, h), loss_mask=torch.tensor([0] * 4 + [1] * 10))
+    embed = model.get_input_embeddings()
+    cfg = dict(stage="hivis", select_topk=0, noise=False)
+    _, alike = step_loss(d, rec, TrainConfig(**cfg), embed)
+    _, first = step_loss(d, rec, TrainConfig(**cfg, ttt_steps=1), embed)
+    _, half = step_loss(d, rec, TrainConfig(**cfg, ttt_decay=0.5), embed)
+    later = alike["topk"] - first["topk"]  # steps 1 and 2 at weight 1
+    assert later > 0 and half["topk"] < alike["topk"]

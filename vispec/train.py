@@ -56,22 +56,24 @@ STAGES = {
     "hivis": dict(w_feature=1.0, w_ce=0.1, w_l1=0.0, w_rank=0.0, w_topk=1.0),
 }
 # Stage-specific defaults of the options left None in TrainConfig (over the generation's, below).
-STAGE_OPTIONS = {"hivis": dict(passes=1, ttt_steps=3, select_topk=5)}
+# HiViS's release weighs its 3 self-fed steps alike (no 0.8^j decay).
+STAGE_OPTIONS = {"hivis": dict(passes=1, ttt_steps=3, select_topk=5, ttt_decay=1.0)}
 # EAGLE-3 heads: what differs from the table above (no feature regression: their output is no target feature).
 EAGLE3_STAGES = {1: dict(w_feature=0.0, w_ce=1.0), "hivis": dict(w_feature=0.0)}
 # Per drafter generation: the defaults of the options left None in TrainConfig.
 GENERATION_DEFAULTS = {
-    2: dict(passes=2, ttt_steps=1, noise=True, select_topk=0),
-    3: dict(passes=1, ttt_steps=7, noise=False, select_topk=0),
+    2: dict(passes=2, ttt_steps=1, noise=True, select_topk=0, ttt_decay=0.8),
+    3: dict(passes=1, ttt_steps=7, noise=False, select_topk=0, ttt_decay=0.8),
 }
 RANK_TOP = 10  # ListMLE ranks the target's 10 most likely tokens (ViSpec)
 
 
 def topk_ce(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_TOP) -> torch.Tensor:
-    """HiViS's top-k loss: cross-entropy of the draft against the target's distribution renormalised over
-    the target's k most likely tokens, rows (T, V)."""
+    """HiViS's top-k loss: the soft cross-entropy's terms at the target's k most likely tokens, rows (T, V):
+    -sum over those tokens of p_target * log p_draft, with the target's probabilities as they are (the release
+    does not renormalise them over the k)."""
     top, idx = target_logp.topk(min(k, target_logp.shape[-1]), -1)
-    return -(torch.softmax(top, -1) * torch.gather(draft_logp, -1, idx)).sum(-1).mean()
+    return -(top.exp() * torch.gather(draft_logp, -1, idx)).sum(-1).mean()
 
 
 def listmle(draft_logp: torch.Tensor, target_logp: torch.Tensor, k: int = RANK_TOP) -> torch.Tensor:
@@ -95,7 +97,7 @@ class TrainConfig:
     passes: int | None = None  # 1 = no self-correction pass; None: the generation's default
     noise: bool | None = None
     ttt_steps: int | None = None  # training-time test unroll (EAGLE-3: 7); 1 = teacher forcing only
-    ttt_decay: float = 0.8  # weight of unroll step j: ttt_decay ** j
+    ttt_decay: float | None = None  # weight of unroll step j: ttt_decay ** j (EAGLE-3: 0.8)
     # > 0: dynamic data selection (HiViS): a position stays in later unroll steps' loss only while the target's
     # top-1 token is among the drafter's top ``select_topk`` at every earlier step.
     select_topk: int | None = None
@@ -116,13 +118,15 @@ class TrainConfig:
         return w
 
     def options(self, generation: int = 2) -> dict:
-        """passes / ttt_steps / noise / select_topk for a drafter of ``generation`` (None: the stage's default,
-        else the generation's)."""
+        """passes / ttt_steps / noise / select_topk / ttt_decay for a drafter of ``generation`` (None: the
+        stage's default, else the generation's)."""
         base = {**GENERATION_DEFAULTS[generation], **STAGE_OPTIONS.get(self.stage, {})}
         opts = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
         for k in ("passes", "ttt_steps"):
             if not isinstance(opts[k], int) or opts[k] < 1:
                 raise ValueError(f"TrainConfig.{k} must be an int >= 1, got {opts[k]!r}")
+        if not 0 < opts["ttt_decay"] <= 1:
+            raise ValueError(f"TrainConfig.ttt_decay must be in (0, 1], got {opts['ttt_decay']!r}")
         if generation == 3 and opts["passes"] > 1:
             raise ValueError("self-correction passes feed the drafter's outputs back as target features, which an "
                              "EAGLE-3 head does not read (it fuses three layers): use ttt_steps")
@@ -245,7 +249,7 @@ def step_loss(drafter, rec, cfg: TrainConfig, embed, generator=None):
         alive = pos >= start  # the chains still scored (dynamic data selection drops some)
         last = target_logp.shape[0] - 1
         for j in range(steps):  # step j predicts j tokens further on
-            term = losses(hid[j], pos + j, cfg.ttt_decay**j, alive)
+            term = losses(hid[j], pos + j, opts["ttt_decay"] ** j, alive)
             if term is not None:
                 total = total + term
             if opts["select_topk"] and j + 1 < steps and bool(alive.any()):

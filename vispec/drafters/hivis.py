@@ -1,6 +1,7 @@
 """HiViS drafter (Xie et al., "HiViS: Hiding Visual Tokens from the Drafter for Speculative Decoding in
-Vision-Language Models", arXiv 2509.23928; release lnn-ops/HiViS): an EAGLE head whose input holds no
-visual token at all.
+Vision-Language Models", arXiv 2509.23928, v1 and the revised v2): an EAGLE head whose input holds no
+visual token at all. The release code read for this (the paper's full text was not readable here, only
+the abstracts of v1 and v2) is the copy vendored in HangerYang/Angel, ``HiViS/hivis/``.
 
 - **Explicit-implicit input decomposition** (v1 abstract and Sec. 3; v2's "semantic fusion" view): the
   target's last hidden states at the text positions already carry the image (through the target's
@@ -11,20 +12,22 @@ visual token at all.
 - **Sequential embedding / step-dependent bias-correction residuals** (v1: "sequential embedding
   supervision", e_seq^0 in the drafter's prefill; v2: "time-step-aware aligned training ... guided by
   step-dependent bias-correction residuals"): ``hivis_residuals`` = K learned vectors r_0..r_{K-1} (H
-  wide). As in the release, an EAGLE-2 head reads ``fc([e ; f ; r_s])`` (3H -> H; parameter ``residual``)
-  where s = 0 for the target's features (prefill and every verified token: e_seq^0) and s = j at the j-th
-  draft step, clipped to K - 1: a per-step bias correcting the drift of the drafter's own features. On an
-  EAGLE-3 head (no H-wide fc after the fused feature) r_s is added to the fused feature f instead.
-  K = 0 is the plain text-only drafter (kept for comparison).
-- **Multi-step self-feedback training with dynamic data selection** (v1 abstract; release stage 2:
-  3 steps, a position stays in a later step's loss only while the target's top-1 token is in the
-  drafter's top-5 at every earlier step, losses 0.1 soft CE + 1.0 feature SmoothL1 + 1.0 CE over the
-  target's top-10): ``vispec.train.HIVIS_RECIPE`` (TrainConfig.recipe = "hivis"), trained through the
-  training-time test unroll (step j at position t is the release's self-fed copy j at t + j).
-
-The paper's full text was not readable here (only the abstracts of v1 and v2 and the release code): the
-mapping of its terms to the release's ``residual`` vectors is the release's own (its loader renames a
-legacy ``adaptive_embedding`` key to ``residual``).
+  wide). As in the release (``model/cnets_hivis.py``), an EAGLE-2 head reads ``fc([e ; f ; r_s])`` (3H -> H;
+  parameter ``residual``) where s = 0 for the target's features (prefill and every verified token: e_seq^0)
+  and s = j at the j-th draft step, clipped to K - 1: a fixed per-step bias correcting the drift of the
+  drafter's own features. On an EAGLE-3 head (no H-wide fc after the fused feature) r_s is added to the
+  fused feature f instead. K = 0 is the plain text-only drafter (kept for comparison). Stage 2 from a
+  K = 1 stage-1 drafter starts every row as row 0 (:meth:`adopt`, as the release's stage 2 does).
+- **Multi-step self-feedback training with dynamic data selection** (v1 abstract; release
+  ``train/main_mix_topk_dyn_res.py``): ``vispec.train.STAGES["hivis"]`` / ``STAGE_OPTIONS["hivis"]``
+  (``TrainConfig(stage="hivis")``): 3 self-fed steps weighted alike, losses 0.1 soft CE + 1.0 feature
+  SmoothL1 + 1.0 x the soft CE's terms at the target's top-10 (its probabilities not renormalised), a
+  position kept in a later step's loss only while the target's top-1 is in the drafter's top-5; trained
+  through the training-time test unroll (step j at position t is the release's self-fed copy j at t + j).
+  Where this differs from the release: the selection follows each scored chain's own earlier steps (the
+  release's index t at step j belongs to the chain rooted one position later), gradients flow through the
+  unroll (the release detaches the fed-back states and steps backward one at a time), and stage 1 takes
+  the EAGLE-2 generation's two passes, the same for every kind (the release: one teacher-forced pass).
 """
 from __future__ import annotations
 
