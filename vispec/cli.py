@@ -439,9 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.set_defaults(func=_train)
 
-    bn = sub.add_parser("bench", help="the benchmarks: kernels (op microbenchmarks), e2e (end to end), drafters",
-                        add_help=False)
-    bn.add_argument("suite", choices=["kernels", "e2e", "drafters"])
+    from .bench import SUITES
+
+    bn = sub.add_parser("bench", help="the benchmarks: kernels (op microbenchmarks), e2e (end to end), drafters, "
+                        "attention (where a drafter attends: image or text)", add_help=False)
+    bn.add_argument("suite", choices=list(SUITES))
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (vispec bench SUITE --help)")
     bn.set_defaults(func=lambda a: __import__("vispec.bench", fromlist=["main"]).main(a.suite, a.rest))
 
