@@ -130,7 +130,7 @@ def test_load_samples_errors(tmp_path):
     assert "1000 words" in LONG_ANSWER_SUFFIX
 
 
-def test_cli_data_generate(tmp_path, dataset):
+def test_cli_data_generate(tmp_path, dataset, capsys):
     from vispec.cli import main
 
     path, images = dataset
@@ -145,6 +145,14 @@ def test_cli_data_generate(tmp_path, dataset):
     ds = ShardDataset(tmp_path / "shards")
     assert len(ds) == 7 and len({ds[i]["id"] for i in range(len(ds))}) == 7
     assert main(args[:-2] + ["--batch-size", "0"]) == 2
+    # With an answers log, a fresh output folder is rebuilt from it: every sample replayed, none generated.
+    log = tmp_path / "answers.jsonl"
+    assert main(args[:-2] + ["--limit", "3", "--answers", str(log)]) == 0  # logs the 7 stored samples' answers
+    assert len(log.read_text().splitlines()) == 1 + 7
+    again = [("--out" if a == "--out" else a) for a in args]
+    again[again.index("--out") + 1] = str(tmp_path / "rebuilt")
+    assert main(again[:-2] + ["--limit", "7", "--answers", str(log)]) == 0
+    assert "7 samples written (7 from logged answers)" in capsys.readouterr().out
 
 
 class QwenShimProcessor:

@@ -48,9 +48,10 @@ def _data_generate(args) -> int:
         model, processor, samples, args.out, images_root=args.images_root, suffix=args.suffix,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
         temperature=args.temperature, feature_layers=_feature_layers(args.feature_layers, model),
+        answers_file=args.answers,
     )
-    print(f"{counts['written']} samples written, {counts['skipped']} skipped (see {args.out}/skipped.jsonl), "
-          f"{counts['already_done']} already done")
+    print(f"{counts['written']} samples written ({counts['replayed']} from logged answers), {counts['skipped']} "
+          f"skipped (see {args.out}/skipped.jsonl), {counts['already_done']} already done")
     return 0
 
 
@@ -385,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    g.add_argument("--answers", default=None,
+                   help="JSONL log of the answers' token ids (a few kB per sample): samples it holds are not generated "
+                        "again (one forward each rebuilds their shards), new answers are appended")
     g.add_argument("--feature-layers", default=None, type=_layers_arg,
                    help="also store the hidden states entering these target layers (EAGLE-3 heads read them): "
                         "`eagle3` for EAGLE-3's choice, or e.g. 2,15,27")
