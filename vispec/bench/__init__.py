@@ -14,6 +14,16 @@ def results_dir() -> Path:
     return repo if repo.is_dir() else Path.cwd() / "vispec-results"
 
 
+def device_label(device=None) -> str:
+    """The device's name as result files carry it: the GPU's name (``device``, default the current one), else
+    "cpu", with characters other than letters, digits and ``._-`` replaced by "-"."""
+    import torch
+
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
 def main(suite: str, argv: list[str]) -> int:
     import importlib
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vispec.bench import results_dir
+from vispec.bench import device_label, results_dir
 
 
 def attention_stats(drafter, rec: dict, embed) -> dict:
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
         n = sum(s["positions"] for s in stats)
         avg = {k: sum(s[k] * s["positions"] for s in stats) / max(n, 1) for k in stats[0] if k != "positions"}
         rows.append((f"{drafter_label(name)}" + (f" [{folder.name}]" if len(folders) > 1 else ""), avg, n))
-    label = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    label = "".join(c if c.isalnum() or c in "._-" else "-" for c in label)
+    label = device_label()
     lines = [f"# Drafter attention over image and text positions, demo VLM with {args.image_tokens} image tokens ({label})",
              "", f"{args.images} held-out scenes, greedy answers of up to {args.max_new} tokens, teacher-forced; per "
              "answer position, the drafter's attention averaged over heads. Image mass: probability on image keys; "

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import vispec
 from vispec.drafters import OracleDrafter, TreeConfig
 
-from vispec.bench import results_dir
+from vispec.bench import device_label, results_dir
 IMAGE_TOKEN = 31000
 
 
@@ -661,8 +661,7 @@ def main(argv=None):
     if args.oracle_tree is None:
         args.oracle_tree = [5, 3] if device.type == "cuda" else [4, 2]
     torch.manual_seed(0)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    label = "".join(c if c.isalnum() or c in "._-" else "-" for c in label)
+    label = device_label(device)
     lines = [
         f"# vispec end-to-end, suite `{args.suite}` on {label}",
         "",

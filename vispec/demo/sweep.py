@@ -252,10 +252,9 @@ def main(argv=None) -> int:
     if not runs:
         print("no benchmark results yet; re-run to continue", flush=True)
         return 3
-    import torch
+    from ..bench import device_label
 
-    label = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    label = "".join(c if c.isalnum() or c in "._-" else "-" for c in label)
+    label = device_label()
     agg = aggregate(runs)
     lines = report(agg, label)
     out = args.results / f"demo-sweep-{label}.md"
