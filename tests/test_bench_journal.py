@@ -48,6 +48,12 @@ def test_demo_run_resumes_from_its_journal(tmp_path, monkeypatch):
     assert len(journal.read_text().splitlines()) == 1 and not out.exists()
     main(argv)
     first = json.loads((tmp_path / "r.json").read_text())
+    # Facts are kept per prompt (one scene: the first prompt's only), and the report names each.
+    from vispec.demo import PROMPTS
+
+    assert list(first["facts"]) == list(PROMPTS) and first["facts"][PROMPTS[0]][1] > 0
+    assert all(f == [0, 0] for q, f in first["facts"].items() if q != PROMPTS[0])
+    assert f'per prompt: "{PROMPTS[0]}"' in out.read_text()
     lines = journal.read_text().splitlines()
     keys = [json.loads(line)["key"] for line in lines[1:]]
     assert keys == ["pair/0/0", "pair/1/0", "prefill/vispec", "prefill/eagle", "prefill/hivis"]

@@ -15,6 +15,14 @@ each drafter teacher-forced, and for every answer position the drafter's attenti
   image mass spreads: log(number of image keys) is the most even),
 * the number of image and text keys an answer position sees.
 
+With ``--sampled`` (default 8) it also measures what the *target* leaves to any drafter at temperature 1:
+the demo VLM samples an answer per scene (T=1, no top-k, as vispec verifies), and for each answer position t
+and depth d the record is whether the d sampled tokens from t on each lie in the target's own top-k (the
+tree's branching) at their position. A tree with k children per node accepts d drafts at t only if they do
+(the verifier emits tokens distributed as the target's, and a token not in the tree ends the walk), so the
+fraction per depth is a ceiling on "accepted at least d" for *every* drafter with that tree, and its sum a
+ceiling on tau, whatever the drafter's quality.
+
 Writes ``<results>/drafter-attention-<N>-<device>.md``.
 """
 from __future__ import annotations
@@ -74,9 +82,26 @@ def attention_stats(drafter, rec: dict, embed) -> dict:
                 positions=int(rows.numel()))
 
 
+def topk_ceiling(model, inp: dict, seqs: torch.Tensor, k: int, depth: int) -> list[tuple[int, int]]:
+    """(hits, positions) per depth d = 1..depth: answer positions t of ``seqs`` whose sampled tokens t..t+d-1
+    are each among the target's top-``k`` at their position (see the module docstring: a ceiling for any
+    drafter on a tree with ``k`` children per node)."""
+    p = inp["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**{**inp, "input_ids": seqs, "attention_mask": torch.ones_like(seqs)}).logits[0].float()
+    answer = seqs[0, p:]
+    top = logits[p - 1 : seqs.shape[1] - 1].topk(k, -1).indices  # (A, k): position p-1+j predicts answer[j]
+    inside = (top == answer[:, None]).any(-1).tolist()
+    out = []
+    for d in range(1, depth + 1):
+        starts = range(len(inside) - d + 1)
+        out.append((sum(all(inside[t : t + d]) for t in starts), len(starts)))
+    return out
+
+
 def main(argv=None) -> int:
     from vispec.data import sequence_records
-    from vispec.demo import EVAL_SEED, PROMPTS, build_demo_vlm, drafter_label, drafter_names, drafters_dir, prompt
+    from vispec.demo import DEMO_TREE, EVAL_SEED, PROMPTS, build_demo_vlm, drafter_label, drafter_names, drafters_dir, prompt
     from vispec.demo.model import GEOMETRY, scene_size, vision_weights_path
     from vispec.demo.scenes import make_scene
     from vispec.drafters import load_drafter
@@ -89,10 +114,12 @@ def main(argv=None) -> int:
                     help="folders of demo drafters (default: the package's for --image-tokens)")
     ap.add_argument("--images", type=int, default=8, help="held-out scenes (one prompt each, in turn)")
     ap.add_argument("--max-new", type=int, default=96, help="answer tokens per scene")
+    ap.add_argument("--sampled", type=int, default=8,
+                    help="held-out scenes whose T=1 answers measure the target's top-k ceiling (0: not measured)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.images < 1 or args.max_new < 1:
-        ap.error("--images and --max-new must be >= 1")
+    if args.images < 1 or args.max_new < 1 or args.sampled < 0:
+        ap.error("--images and --max-new must be >= 1, --sampled >= 0")
     folders = args.drafters or [drafters_dir(args.image_tokens)]
     found = [(f, k) for f in folders for k in drafter_names((2, 3)) if (f / k / "config.json").is_file()]
     if not found:
@@ -127,6 +154,28 @@ def main(argv=None) -> int:
         most = math.log(a["image_keys"]) if a["image_keys"] > 1 else 0.0
         lines.append(f"| {name} | {a['image_keys']:.0f} | {a['text_keys']:.0f} | {a['image_mass']:.3f} | "
                      f"{a['entropy']:.2f} | {a['image_entropy']:.2f} ({most:.2f}) | {n} |")
+    if args.sampled:
+        _, depth, k = DEMO_TREE
+        hits = [[0, 0] for _ in range(depth)]
+        for i in range(args.sampled):
+            scene = make_scene(random.Random(EVAL_SEED + i), size=scene_size(model))
+            inp = dict(processor(text=[prompt(processor, PROMPTS[i % len(PROMPTS)])], images=[scene.image],
+                                 return_tensors="pt"))
+            torch.manual_seed(i)
+            with torch.no_grad():
+                seqs = model.generate(**inp, max_new_tokens=args.max_new, do_sample=True, temperature=1.0, top_k=0)
+            for h, (a, n) in zip(hits, topk_ceiling(model, inp, seqs, k, depth)):
+                h[0] += a
+                h[1] += n
+        frac = [a / max(n, 1) for a, n in hits]
+        lines += ["", f"## What the target leaves to any drafter at temperature 1 (top-{k} ceiling)", "",
+                  f"{args.sampled} held-out scenes, answers sampled at T=1 (no top-k) of up to {args.max_new} tokens "
+                  f"({hits[0][1]} positions). Fraction of positions whose next d sampled tokens each lie in the target's "
+                  f"own top-{k}: no drafter on a tree with {k} children per node accepts d drafts more often. "
+                  "Compare with the e2e benchmark's 'acceptance per draft depth' at T=1.", "",
+                  "| | " + " | ".join(f"d={d + 1}" for d in range(depth)) + " | tau ceiling (sum) |",
+                  "|---|" + "---|" * (depth + 1),
+                  "| ceiling | " + " | ".join(f"{f:.2f}" for f in frac) + f" | {sum(frac):.2f} |"]
     out = args.out or results_dir() / f"drafter-attention-{args.image_tokens}-{label}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -324,7 +324,7 @@ def run_demo(args, device):
         return out
 
     results = {}
-    facts = [0, 0]
+    facts = {q: [0, 0] for q in PROMPTS}  # per prompt: the long-answer suffix asks for more than the vision side was taught
     per_pair = []  # T=0: (plain answer length, plain seconds, {kind: seconds})
     for temp in args.temperatures:
         acc = {m: dict(time=0.0, tokens=0, same=True, accepted=0, steps=0, hist=[], draft_time=0.0, spec_time=0.0)
@@ -338,8 +338,8 @@ def run_demo(args, device):
                 a["same"] &= v.get("same", True)
                 a["hist"] = [x + y for x, y in zip_longest(a["hist"], v.get("hist", []), fillvalue=0)]
             if u["facts"] is not None:
-                facts[0] += u["facts"][0]
-                facts[1] += u["facts"][1]
+                for j in (0, 1):
+                    facts[q][j] += u["facts"][j]
             if u["row"] is not None:
                 per_pair.append(u["row"])
         base = acc["plain"]["tokens"] / acc["plain"]["time"]
@@ -477,7 +477,8 @@ def run_demo_text_only(model, processor, drafters, args, device, tree):
 def write_demo(res, args, label):
     names = {"plain": "model.generate", "lookup": "HF prompt lookup (10)", **res["names"]}
     tree = res["tree"]
-    g, n = res["facts"]
+    g, n = (sum(f[j] for f in res["facts"].values()) for j in (0, 1))
+    per_prompt = "; ".join(f"\"{q}\" {f[0] / f[1]:.0%} ({f[0]}/{f[1]})" for q, f in res["facts"].items() if f[1])
     lines = [
         f"# vispec end-to-end, suite `demo` on {label}",
         "",
@@ -491,7 +492,8 @@ def write_demo(res, args, label):
         "tau = accepted draft tokens per target forward (bonus excluded; EAGLE's 'acceptance length' is tau + 1). "
         "Speedup = tokens/s over model.generate's, same run, methods interleaved per prompt.",
         "",
-        f"Demo model fact accuracy on its greedy answers: **{g / max(n, 1):.1%}** ({g} of {n} facts).",
+        f"Demo model fact accuracy on its greedy answers: **{g / max(n, 1):.1%}** ({g} of {n} facts); per prompt: "
+        f"{per_prompt}.",
         "",
     ]
     for temp, acc in res["results"].items():
@@ -691,7 +693,7 @@ def main(argv=None):
             summary = {f"{t:g}": {m: {"tau": a["tau"], "speedup": a["speedup"], "same": a["same"]} for m, a in acc.items()}
                        for t, acc in res["results"].items()}
             args.json.write_text(json.dumps({"image_tokens": args.image_tokens, "results": summary,
-                                             "prefill_frac": res["prefill_frac"]}, indent=1))
+                                             "prefill_frac": res["prefill_frac"], "facts": res["facts"]}, indent=1))
         print(f"wrote {out} and {png}")
         same = [a["same"] for a in res["results"].get(0.0, {}).values()]
         same += [a["same"] for acc in res["batched"].values() for a in acc.values()]
