@@ -7,7 +7,8 @@ import pytest
 from vispec.bench.e2e import main
 from vispec.journal import Journal
 
-TINY = ["--suite", "demo", "--images", "1", "--max-new", "8", "--depth-sweep", "0", "--prefill-pairs", "1"]
+TINY = ["--suite", "demo", "--image-tokens", "36", "--images", "1", "--max-new", "8", "--depth-sweep", "0",
+        "--prefill-pairs", "1"]  # the 36-token demo VLM: the journal is the subject, not the model
 
 
 def test_journal_refuses_other_settings_and_drops_a_cut_line(tmp_path):

@@ -12,7 +12,7 @@ from vispec.drafters import TreeConfig
 
 @pytest.fixture(scope="module")
 def demo():
-    return build_demo_vlm(None)  # random vision side: the shipped weights are tested separately
+    return build_demo_vlm(None, image_tokens=36)  # random 36-token vision side (fast): the shipped weights are tested separately
 
 
 def test_demo_vlm_shape_and_lossless(demo, tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 import vispec
 from vispec.cli import main
-from vispec.demo import DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, load_demo_drafter, prompt
+from vispec.demo import DEMO_TREE, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm, demo_tree, load_demo_drafter, prompt
 from vispec.demo.model import scene_size
 from vispec.demo.scenes import make_scene, score
 from vispec.drafters import TreeConfig
@@ -53,7 +53,8 @@ def test_shipped_drafters_are_trained_and_lossless(demo, kind):
         assert torch.equal(out.sequences, ref)
         acc, steps = acc + out.stats.accepted_draft_tokens, steps + out.stats.row_steps
     assert acc / steps > 1.0  # an untrained drafter accepts ~0 per step
-    sampled = vispec.generate(model, d, **inputs[0], max_new_tokens=16, tree=tree, temperature=1.0, seed=3)
+    sampled = vispec.generate(model, d, **inputs[0], max_new_tokens=16, tree=TreeConfig(*demo_tree(1.0)),
+                              temperature=1.0, seed=3)
     assert sampled.sequences.shape[1] > inputs[0]["input_ids"].shape[1]
 
 
@@ -92,7 +93,7 @@ def test_build_drafters_reproduces_the_pipeline(tmp_path, capsys):
     from vispec.demo import build_drafters
 
     out = tmp_path / "weights"
-    argv = ["--work", str(tmp_path / "work"), "--samples", "2", "--sampled", "2", "--max-new-tokens", "8",
+    argv = ["--work", str(tmp_path / "work"), "--image-tokens", "36", "--samples", "2", "--sampled", "2", "--max-new-tokens", "8",
             "--epochs", "1", "--stage2-epochs", "1", "--stage2-lr", "1e-4", "--draft-vocab-coverage", "0.99",
             "--eval-samples", "1", "--kinds", "vispec", "--num-q", "3", "--out", str(out), "--answers", str(tmp_path / "a")]
     build_drafters.main(argv)

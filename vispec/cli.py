@@ -275,7 +275,7 @@ def _demo(args) -> int:
 
     import torch
 
-    from .demo import DEMO_IMAGE, DEMO_TREE, WEIGHTS, build_demo_vlm, drafter_path, load_demo_drafter, prompt
+    from .demo import DEMO_IMAGE, WEIGHTS, build_demo_vlm, demo_tree, drafter_path, load_demo_drafter, prompt
     from .drafters import TreeConfig
 
     images, code = _read_images("demo", [Path(args.image) if args.image else DEMO_IMAGE])
@@ -287,7 +287,7 @@ def _demo(args) -> int:
         if not need.is_file():
             return _fail("demo", f"{need} is missing (a broken install?); `python -m vispec.demo.train_vision` and "
                          "`python -m vispec.demo.build_drafters` rebuild the demo's weights")
-    tree = TreeConfig(*(args.tree or DEMO_TREE))
+    tree = TreeConfig(*(args.tree or demo_tree(args.temperature)))
     torch.set_num_threads(args.threads or torch.get_num_threads())
     print("building the demo VLM (SmolLM2-135M-Instruct + trained vision tower) ...", flush=True)
     model, processor = build_demo_vlm()
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"),
-                   help="draft tree (default: the demo's tuned tree)")
+                   help="draft tree (default: the demo's tuned tree for the temperature, vispec.demo.demo_tree)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     d.add_argument("--device", default=None)

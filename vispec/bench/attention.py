@@ -102,13 +102,13 @@ def topk_ceiling(model, inp: dict, seqs: torch.Tensor, k: int, depth: int) -> li
 def main(argv=None) -> int:
     from vispec.data import sequence_records
     from vispec.demo import DEMO_TREE, EVAL_SEED, PROMPTS, build_demo_vlm, drafter_label, drafter_names, drafters_dir, prompt
-    from vispec.demo.model import GEOMETRY, scene_size, vision_weights_path
+    from vispec.demo.model import DEFAULT_IMAGE_TOKENS, GEOMETRY, scene_size, vision_weights_path
     from vispec.demo.scenes import make_scene
     from vispec.drafters import load_drafter
     from vispec.models import adapter_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image-tokens", type=int, default=576, choices=sorted(GEOMETRY))
+    ap.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS, choices=sorted(GEOMETRY))
     ap.add_argument("--vision-weights", type=Path, default=None, help="default: the package's for --image-tokens")
     ap.add_argument("--drafters", type=Path, nargs="+", default=None,
                     help="folders of demo drafters (default: the package's for --image-tokens)")

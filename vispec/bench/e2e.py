@@ -486,7 +486,8 @@ def write_demo(res, args, label):
         f"+ trained 4-layer ViT and projector). {res['n_pairs']} held-out generated scenes (seeds 10^7 + i, seen by "
         f"neither the vision training nor the drafters' data), each with one of {res['n_prompts']} prompts in turn; up to "
         f"{args.max_new} new "
-        f"tokens. Drafters: the three shipped in `vispec/demo/weights/`, trained by `python -m "
+        f"tokens. Drafters: {', '.join(f'`{d}`' for d in args.drafters) if args.drafters else 'the package' + chr(39) + 's'}, "
+        f"trained by `python -m "
         f"vispec.demo.build_drafters` on the same data; tree (total, depth, top-k) = {tuple(vars(tree).values())}.",
         "",
         "tau = accepted draft tokens per target forward (bonus excluded; EAGLE's 'acceptance length' is tau + 1). "
@@ -599,15 +600,16 @@ def plot_demo(res, names, path, label):
 
 
 def main(argv=None):
-    from vispec.demo import drafter_names
+    from vispec.demo import DEFAULT_IMAGE_TOKENS, drafter_names
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["medium", "7b", "demo"], default="medium")
-    ap.add_argument("--images", type=int, default=50, help="demo suite: held-out scenes (one prompt each)")
+    ap.add_argument("--images", type=int, default=100, help="demo suite: held-out scenes (one prompt each)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="demo suite")
     ap.add_argument("--demo-tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"))
     ap.add_argument("--depth-sweep", type=int, default=16, help="demo suite: prompts in the depth sweep (0: none)")
-    ap.add_argument("--image-tokens", type=int, default=36, help="demo suite: the demo VLM's image tokens per image")
+    ap.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS,
+                    help="demo suite: the demo VLM's image tokens per image")
     ap.add_argument("--vision-weights", type=Path, default=None, help="demo suite: default the package's for --image-tokens")
     ap.add_argument("--drafters", type=Path, nargs="+", default=None,
                     help="demo suite: folder(s) of <kind>/ drafters (default: the shipped ones); several folders "

@@ -13,14 +13,17 @@
    sample instead of a generation, the same answers, sampled ones included.
    The long-answer suffix is part of two of the six prompts rather than appended to all, so
    that the data covers the prompts the demo and the benchmark use.
-3. The draft vocabulary: the ``--draft-vocab`` most frequent answer tokens, or with
-   ``--draft-vocab-coverage`` the fewest that cover that fraction of the sampled answers'
-   tokens; the coverage of both answer sets is reported.
+3. The draft vocabulary: the fewest tokens that cover ``--draft-vocab-coverage`` of the sampled
+   answers' tokens (or, with 0 there, the ``--draft-vocab`` most frequent answer tokens); the
+   coverage of both answer sets is reported.
 4. ``vispec.train.train`` (what ``vispec train`` runs) trains ViSpec, EAGLE-2 and HiViS drafters
    on the same shards with the same settings: ``--epochs`` of stage 1 (feature + soft CE), then
    ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE) at
-   ``--stage2-lr``, and
-   tracks held-out tau after every epoch.
+   ``--stage2-lr``, a tenth of stage 1's (at stage 1's rate, re-warmed, stage 2 lowered held-out
+   tau on the 36-token model: 3.83 -> 3.38 for ViSpec), and tracks held-out tau after every epoch.
+
+The defaults are the recipe of the shipped 576-token drafters and of every point of the sweep
+(``vispec.demo.sweep``): 320 greedy + 160 temperature-1 answers, 99% coverage, 20 + 4 epochs.
 5. Saves each final drafter in bf16 under ``--out/<kind>/`` (EAGLE-3 heads: ``--out/<kind>-eagle3/``).
 
 Ablations (``--variant NAME`` keeps their checkpoints apart): ``--no-global-feature`` and ``--num-q`` for
@@ -30,8 +33,9 @@ ViSpec, ``--hivis-residuals K``, ``--stage2 hivis`` and ``--select-topk`` for Hi
 target's layer states EAGLE-3 reads) with the same data, epochs and learning rate; EAGLE-3 heads train
 with the training-time test (``--ttt-steps``) instead of the self-correction pass.
 
-``--image-tokens`` chooses the demo VLM (36, 144 or 576 image tokens per image; its vision
-weights from the package, or ``--vision-weights``).
+``--image-tokens`` chooses the demo VLM (36, 144 or 576 image tokens per image, default 576; its vision
+weights from the package, or ``--vision-weights``; the drafters go beside the package's for that count
+unless ``--out`` says otherwise).
 
 Every step resumes: shards and training checkpoints already in ``--work`` are kept. The data is
 shared by every ``--seed``; each seed trains under ``--work/seed-<seed>/``.
@@ -45,9 +49,9 @@ from pathlib import Path
 
 import torch
 
-from . import (DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, DRAFTERS_DIR, EVAL_SEED, PROMPTS, build_demo_vlm,
-               drafter_dir_name, prompt)
-from .model import GEOMETRY, scene_size, vision_weights_path
+from . import (DEMO_TREE, DRAFT_DATA_SEED, DRAFTER_KINDS, EVAL_SEED, PROMPTS, build_demo_vlm,
+               drafter_dir_name, drafters_dir, prompt)
+from .model import DEFAULT_IMAGE_TOKENS, GEOMETRY, scene_size, vision_weights_path
 from .scenes import make_scene
 
 SAMPLED_DATA_SEED = DRAFT_DATA_SEED + 10**6  # scenes of the temperature-1 answers, apart from the greedy ones
@@ -110,8 +114,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (images, shards, checkpoints)")
     ap.add_argument("--samples", type=int, default=320, help="scenes answered greedily")
-    ap.add_argument("--sampled", type=int, default=0, help="more scenes, answered at temperature 1")
-    ap.add_argument("--image-tokens", type=int, choices=sorted(GEOMETRY), default=36)
+    ap.add_argument("--sampled", type=int, default=160, help="more scenes, answered at temperature 1")
+    ap.add_argument("--image-tokens", type=int, choices=sorted(GEOMETRY), default=DEFAULT_IMAGE_TOKENS)
     ap.add_argument("--vision-weights", type=Path, default=None, help="default: the package's for --image-tokens")
     ap.add_argument("--suffix", default="", help=f"appended to every prompt (ViSpec's is {LONG_ANSWER_SUFFIX!r})")
     ap.add_argument("--max-new-tokens", type=int, default=160)
@@ -123,20 +127,21 @@ def main(argv=None):
                          "EAGLE-2 and EAGLE-3 runs share one set of shards)")
     ap.add_argument("--ttt-steps", type=int, default=None, help="EAGLE-3 heads' training-time test (default 7)")
     ap.add_argument("--epochs", type=int, default=20, help="stage 1 epochs")
-    ap.add_argument("--stage2-epochs", type=int, default=0, help="then ViSpec's stage-2 objective for this many")
+    ap.add_argument("--stage2-epochs", type=int, default=4, help="then ViSpec's stage-2 objective for this many")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--stage2-lr", type=float, default=None, help="stage 2's learning rate (default: --lr)")
+    ap.add_argument("--stage2-lr", type=float, default=1e-4, help="stage 2's learning rate")
     ap.add_argument("--answers", type=Path, default=None,
                     help="folder of the answers logs (default --work): keep it to rebuild the shards without generating")
     ap.add_argument("--intermediate-size", type=int, default=768, help="drafter MLP width (the LM's is 1536)")
     ap.add_argument("--draft-vocab", type=int, default=1024)
-    ap.add_argument("--draft-vocab-coverage", type=float, default=None,
-                    help="instead: the fewest tokens covering this fraction of the (sampled) answers' tokens")
+    ap.add_argument("--draft-vocab-coverage", type=float, default=0.99,
+                    help="the fewest tokens covering this fraction of the (sampled) answers' tokens (0: --draft-vocab's "
+                         "most frequent instead)")
     ap.add_argument("--num-q", type=int, default=2, help="ViSpec queries per image: num_q - 1 compressed tokens + 1 global feature")
     ap.add_argument("--eval-samples", type=int, default=6)
     ap.add_argument("--eval-every", type=int, default=0,
                     help="held-out tau after every N-th epoch (0: after each stage's last only)")
-    ap.add_argument("--out", type=Path, default=DRAFTERS_DIR)
+    ap.add_argument("--out", type=Path, default=None, help="default: the package's drafters for --image-tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summary", type=Path, default=None,
                     help="JSON of the data and each drafter's held-out tau, updated as each drafter is saved (default "
@@ -157,11 +162,12 @@ def main(argv=None):
     if args.samples < 1 or args.epochs < 1 or args.draft_vocab < 0 or args.num_q < 1 or args.sampled < 0 \
             or args.stage2_epochs < 0:
         ap.error("--samples, --epochs and --num-q must be >= 1, --draft-vocab, --sampled and --stage2-epochs >= 0")
-    if args.lr <= 0 or (args.stage2_lr is not None and args.stage2_lr <= 0):
+    if args.lr <= 0 or args.stage2_lr <= 0:
         ap.error("--lr and --stage2-lr must be > 0")
-    if args.draft_vocab_coverage is not None and not 0 < args.draft_vocab_coverage <= 1:
-        ap.error("--draft-vocab-coverage must be in (0, 1]")
+    if not 0 <= args.draft_vocab_coverage <= 1:
+        ap.error("--draft-vocab-coverage must be in [0, 1] (0: --draft-vocab)")
     weights = args.vision_weights or vision_weights_path(args.image_tokens)
+    args.out = args.out or drafters_dir(args.image_tokens)
     if not weights.is_file():
         ap.error(f"{weights} must be a vision weights file (there is none): train it with "
                  f"`python -m vispec.demo.train_vision --image-tokens {args.image_tokens} --out {weights}`")
@@ -193,7 +199,7 @@ def main(argv=None):
         text = prompt(processor, f"{PROMPTS[i % len(PROMPTS)]} {args.suffix}".strip())
         held.append(dict(processor(text=[text], images=[scene.image], return_tensors="pt")))
     tree = TreeConfig(*DEMO_TREE)
-    if args.draft_vocab_coverage is not None:
+    if args.draft_vocab_coverage:
         vocab = vocab_for_coverage(sets.get("sampled", dataset), model, args.draft_vocab_coverage)
     else:
         vocab = answer_vocab(dataset, model, args.draft_vocab) if args.draft_vocab else None
@@ -223,7 +229,7 @@ def main(argv=None):
             for stage, epochs in ((1, args.epochs), (2 if args.stage2 == "vispec" else "hivis", args.stage2_epochs)):
                 if epochs == 0:
                     continue
-                lr = args.lr if stage == 1 or args.stage2_lr is None else args.stage2_lr
+                lr = args.lr if stage == 1 else args.stage2_lr
                 cfg = TrainConfig(stage=stage, epochs=epochs, lr=lr, warmup_steps=50, seed=args.seed, log_every=20,
                                   ttt_steps=args.ttt_steps if gen == 3 and stage != "hivis" else None,
                                   select_topk=args.select_topk if stage == "hivis" else None)

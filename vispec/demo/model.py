@@ -3,7 +3,8 @@
 
 Only the vision tower and the projector are trained (``vispec.demo.train_vision``), on
 procedurally generated scenes (``vispec.demo.scenes``); the language model stays
-frozen. Their weights (a few MB) ship in ``vispec/demo/weights/vision.safetensors``.
+frozen. Their weights (a few MB) ship in ``vispec/demo/weights/``: ``vision-576.safetensors`` for the demo's
+default, LLaVA-1.5's 576 image tokens per image, ``vision.safetensors`` for the first demo's 36.
 """
 from __future__ import annotations
 
@@ -11,19 +12,19 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS = Path(__file__).parent / "weights" / "vision.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 IMAGE_TOKEN = "<image>"
 VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, projection_dim=192)
 # Image tokens per image -> (image size, patch size) of the vision tower. 576 is LLaVA-1.5's geometry
 # (336-pixel images, 14-pixel patches), the regime ViSpec was designed for; 36 was the first demo's.
 GEOMETRY = {36: (96, 16), 144: (168, 14), 576: (336, 14)}
-DEFAULT_IMAGE_TOKENS = 36
+DEFAULT_IMAGE_TOKENS = 576  # the model of `vispec demo` and the default of every demo script
 
 
 def vision_weights_path(image_tokens: int) -> Path:
     """Where the vision weights of the demo VLM with ``image_tokens`` image tokens live in the package."""
     check_image_tokens(image_tokens)
-    return WEIGHTS if image_tokens == 36 else WEIGHTS.with_name(f"vision-{image_tokens}.safetensors")
+    return WEIGHTS_DIR / ("vision.safetensors" if image_tokens == 36 else f"vision-{image_tokens}.safetensors")
 
 
 def check_image_tokens(image_tokens) -> int:
@@ -44,6 +45,9 @@ def weights_metadata(path: Path | str) -> dict:
 def weights_image_tokens(path: Path | str) -> int:
     """The image-token count a vision weights file was trained for."""
     return check_image_tokens(int(weights_metadata(path).get("image_tokens", 36)))
+
+
+WEIGHTS = vision_weights_path(DEFAULT_IMAGE_TOKENS)
 # SmolLM2's chat format, with image items in the content lists processors use.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -53,8 +57,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.float32, image_tokens: int | None = None):
-    """(model, processor). ``vision_weights=None`` (or a missing file) leaves the vision side random.
+def build_demo_vlm(vision_weights: Path | str | None = "package", dtype=torch.float32, image_tokens: int | None = None):
+    """(model, processor): by default the demo VLM with ``DEFAULT_IMAGE_TOKENS`` image tokens and the package's
+    trained vision side. ``vision_weights``: ``"package"`` (the package's file for ``image_tokens``), a file, or
+    ``None`` (or a missing file) for a random vision side.
 
     The vision tower's geometry comes from the weights file; ``image_tokens`` chooses it for a random
     vision side (and must agree with the file when both are given)."""
@@ -62,6 +68,8 @@ def build_demo_vlm(vision_weights: Path | str | None = WEIGHTS, dtype=torch.floa
 
     from ..testing import clip_image_processor, smollm2
 
+    if isinstance(vision_weights, str) and vision_weights == "package":
+        vision_weights = vision_weights_path(DEFAULT_IMAGE_TOKENS if image_tokens is None else image_tokens)
     have = vision_weights is not None and Path(vision_weights).is_file()
     if have:
         stored = weights_image_tokens(vision_weights)

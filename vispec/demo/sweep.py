@@ -45,10 +45,6 @@ from . import drafter_label, drafter_names, drafters_dir
 from .model import GEOMETRY, vision_weights_path, weights_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
-# build_drafters' settings, the same at every count: greedy and temperature-1 answers, a draft vocabulary covering
-# 99% of the sampled answers' tokens, 20 epochs of stage 1 (lr 1e-3) and 4 of ViSpec's stage-2 objective at a tenth of
-# that (at stage 1's rate, re-warmed, stage 2 lowered held-out tau on the 36-token model: 3.83 -> 3.38 for ViSpec).
-BUILD_ARGS = "--samples 320 --sampled 160 --stage2-epochs 4 --stage2-lr 1e-4 --draft-vocab-coverage 0.99"
 # name -> what build_drafters trains differently (ViSpec's global feature and compressed-token count,
 # HiViS's residual vectors and its stage-2 objective); everything else as the seed-0 drafters.
 ABLATIONS = {
@@ -158,7 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=sorted(GEOMETRY), choices=sorted(GEOMETRY))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="drafter seeds at the largest count")
     ap.add_argument("--other-seeds", type=int, nargs="+", default=[0], help="drafter seeds at the other counts")
-    ap.add_argument("--build-args", default=BUILD_ARGS, help="extra arguments of build_drafters, the same for every count")
+    ap.add_argument("--build-args", default="",
+                    help="extra arguments of build_drafters, the same for every count (none: its defaults, the shipped "
+                         "drafters' recipe)")
     ap.add_argument("--generations", type=int, nargs="+", choices=[2, 3], default=[2, 3],
                     help="drafter heads trained at the largest count (the others: EAGLE-2 only)")
     ap.add_argument("--bench-args", default="--images 40", help="extra bench_e2e arguments of every benchmark")

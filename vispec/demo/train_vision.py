@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .model import GEOMETRY, WEIGHTS, build_demo_vlm, image_tokens_of, prompt, scene_size, vision_state_dict
+from .model import (DEFAULT_IMAGE_TOKENS, GEOMETRY, build_demo_vlm, image_tokens_of, prompt, scene_size, vision_state_dict,
+                    vision_weights_path)
 from . import EVAL_SEED
 from .scenes import PLACES, make_scene, score
 
@@ -133,7 +134,7 @@ def evaluate(model, processor, n: int = 40, max_new_tokens: int = 64) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image-tokens", type=int, default=36, choices=sorted(GEOMETRY), help="image tokens per image")
+    ap.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS, choices=sorted(GEOMETRY), help="image tokens per image")
     ap.add_argument("--read-steps", type=int, default=2000, help="stage 1 steps (no LM forward)")
     ap.add_argument("--read-batch-size", type=int, default=32)
     ap.add_argument("--read-lr", type=float, default=2e-3)
@@ -144,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--empty-weight", type=float, default=1.0,
                     help="weight of the empty cells' slots in the stage 1 loss (< 1: the loss is about shapes and words)")
     ap.add_argument("--bf16", action="store_true", help="stage 2 forward/backward under bfloat16 autocast")
-    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--out", type=Path, default=None, help="default: the package's file for --image-tokens")
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--eval", type=int, default=48, help="held-out scenes scored after each stage")
     ap.add_argument("--resume", action="store_true",
@@ -154,6 +155,7 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=0, help="> 0: stop after the first checkpoint past this time")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.out = args.out or vision_weights_path(args.image_tokens)
     for name in ("read_steps", "steps", "eval", "save_every", "batch_size", "read_batch_size"):
         if getattr(args, name) < (1 if name in ("save_every", "batch_size", "read_batch_size") else 0):
             ap.error(f"--{name.replace('_', '-')} must be >= {1 if name in ('save_every', 'batch_size', 'read_batch_size') else 0}")
