@@ -120,3 +120,15 @@ def test_build_drafters_refuses_bad_sizes(tmp_path, bad, capsys):
         build_drafters.main(["--work", str(tmp_path)] + bad)
     assert e.value.code == 2 and "must be" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_demo_command_drafts_on_the_tree_for_its_temperature(monkeypatch, temperature):
+    """Greedy on the deep tree, sampled on the wide, shallow one (a wrong choice costs speed, not output)."""
+    import vispec.cli
+
+    seen = {}
+    monkeypatch.setattr(vispec.cli, "_speculate_and_compare", lambda *a, **k: seen.setdefault("tree", a[6]) and 0)
+    assert main(["demo", "--temperature", str(temperature), "--max-new-tokens", "1"]) == 0
+    assert tuple(vars(seen["tree"]).values()) == demo_tree(temperature)
+    assert demo_tree(1.0) != DEMO_TREE == demo_tree(0.0)
