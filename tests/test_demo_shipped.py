@@ -128,7 +128,12 @@ def test_demo_command_drafts_on_the_tree_for_its_temperature(monkeypatch, temper
     import vispec.cli
 
     seen = {}
-    monkeypatch.setattr(vispec.cli, "_speculate_and_compare", lambda *a, **k: seen.setdefault("tree", a[6]) and 0)
+
+    def speculate(model, tokenizer, drafter, inputs, label, args, tree, compare):
+        seen["tree"] = tree
+        return 0
+
+    monkeypatch.setattr(vispec.cli, "_speculate_and_compare", speculate)
     assert main(["demo", "--temperature", str(temperature), "--max-new-tokens", "1"]) == 0
     assert tuple(vars(seen["tree"]).values()) == demo_tree(temperature)
     assert demo_tree(1.0) != DEMO_TREE == demo_tree(0.0)

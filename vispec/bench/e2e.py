@@ -479,6 +479,7 @@ def write_demo(res, args, label):
     tree = res["tree"]
     g, n = (sum(f[j] for f in res["facts"].values()) for j in (0, 1))
     per_prompt = "; ".join(f"\"{q}\" {f[0] / f[1]:.0%} ({f[0]}/{f[1]})" for q, f in res["facts"].items() if f[1])
+    drafters = ", ".join(f"`{d}`" for d in args.drafters) if args.drafters else "the package's"
     lines = [
         f"# vispec end-to-end, suite `demo` on {label}",
         "",
@@ -486,8 +487,7 @@ def write_demo(res, args, label):
         f"+ trained 4-layer ViT and projector). {res['n_pairs']} held-out generated scenes (seeds 10^7 + i, seen by "
         f"neither the vision training nor the drafters' data), each with one of {res['n_prompts']} prompts in turn; up to "
         f"{args.max_new} new "
-        f"tokens. Drafters: {', '.join(f'`{d}`' for d in args.drafters) if args.drafters else 'the package' + chr(39) + 's'}, "
-        f"trained by `python -m "
+        f"tokens. Drafters: {drafters}, trained by `python -m "
         f"vispec.demo.build_drafters` on the same data; tree (total, depth, top-k) = {tuple(vars(tree).values())}.",
         "",
         "tau = accepted draft tokens per target forward (bonus excluded; EAGLE's 'acceptance length' is tau + 1). "

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import (DEFAULT_IMAGE_TOKENS, IMAGE_TOKEN, WEIGHTS, build_demo_vlm, check_image_tokens, image_tokens_of, prompt,
+from .model import (DEFAULT_IMAGE_TOKENS, IMAGE_TOKEN, WEIGHTS, WEIGHTS_DIR, build_demo_vlm, check_image_tokens, image_tokens_of, prompt,
                     vision_state_dict)
 
 HERE = Path(__file__).parent
-DRAFTERS_DIR = HERE / "weights"
+DRAFTERS_DIR = WEIGHTS_DIR
 DEMO_IMAGE = HERE / "assets" / "scene.png"
 DEMO_PROMPT = "Describe the image."
 # Questions the drafters' data and the benchmark pair with images, in turn. The vision side learned only the

@@ -21,10 +21,10 @@
    ``--stage2-epochs`` of ViSpec's stage-2 objective (10 x probability L1 + 0.1 x ListMLE) at
    ``--stage2-lr``, a tenth of stage 1's (at stage 1's rate, re-warmed, stage 2 lowered held-out
    tau on the 36-token model: 3.83 -> 3.38 for ViSpec), and tracks held-out tau after every epoch.
-
-The defaults are the recipe of the shipped 576-token drafters and of every point of the sweep
-(``vispec.demo.sweep``): 320 greedy + 160 temperature-1 answers, 99% coverage, 20 + 4 epochs.
 5. Saves each final drafter in bf16 under ``--out/<kind>/`` (EAGLE-3 heads: ``--out/<kind>-eagle3/``).
+
+The defaults (``--help``) are the recipe of the shipped 576-token drafters and of every point of the
+sweep (``vispec.demo.sweep``).
 
 Ablations (``--variant NAME`` keeps their checkpoints apart): ``--no-global-feature`` and ``--num-q`` for
 ViSpec, ``--hivis-residuals K``, ``--stage2 hivis`` and ``--select-topk`` for HiViS's parts.

@@ -68,7 +68,7 @@ def build_demo_vlm(vision_weights: Path | str | None = "package", dtype=torch.fl
 
     from ..testing import clip_image_processor, smollm2
 
-    if isinstance(vision_weights, str) and vision_weights == "package":
+    if vision_weights == "package":
         vision_weights = vision_weights_path(DEFAULT_IMAGE_TOKENS if image_tokens is None else image_tokens)
     have = vision_weights is not None and Path(vision_weights).is_file()
     if have:
