@@ -10,7 +10,9 @@ env_dir=${VISPEC_OLDEST_ENV:-/tmp/vispec-transformers-$oldest}
 if [ ! -x "$env_dir/bin/python" ]; then
   $PY -m venv --system-site-packages "$env_dir"
 fi
-"$env_dir/bin/python" -m pip install -q "transformers==$oldest"
+# [kernels]: newer transformers pull in `kernels`, whose later releases break the oldest's import
+# (hub_kernels.py: "Either a revision or a version must be specified"); the extra pins the one it declares.
+"$env_dir/bin/python" -m pip install -q "transformers[kernels]==$oldest"
 "$env_dir/bin/python" -c "import transformers; assert transformers.__version__ == '$oldest', transformers.__version__"
 echo "engine tests under transformers $oldest"
 exec "$env_dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py \
