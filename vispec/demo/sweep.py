@@ -89,12 +89,13 @@ def ablation_report(reference: dict, ablations: dict[str, dict]) -> list[str]:
              "| temperature | drafter | trained as | tau | speedup | prompt lookup, same run |", "|---|---|---|---|---|---|"]
     runs = [("seed 0", reference)] + [(ABLATIONS[a][0], r) for a, r in ablations.items()]
     for temp, methods in reference["results"].items():
-        for kind in methods:
+        ablated = {k for r in ablations.values() for k in r["results"].get(temp, {})} - {"plain", "lookup"}
+        for kind in (k for k in methods if k in ablated):
             for name, res in runs:
-                a, look = res["results"].get(temp, {}).get(kind), res["results"].get(temp, {}).get("lookup")
-                if kind in ("plain", "lookup") or a is None or not any(kind in r["results"].get(temp, {})
-                                                                        for r in ablations.values()):
+                row = res["results"].get(temp, {})
+                if kind not in row:
                     continue
+                a, look = row[kind], row.get("lookup")
                 tau = "-" if a["tau"] is None else f"{a['tau']:.2f}"
                 lines.append(f"| {temp} | {method_label(kind)} | {name} | {tau} | {a['speedup']:.2f}x | "
                              + ("-" if look is None else f"{look['speedup']:.2f}x") + " |")
