@@ -113,3 +113,21 @@ def test_sweep_order_state_and_time_limit(tmp_path, monkeypatch):
     assert sweep.main(argv) == 0 and calls == []
     assert sweep.main(argv[:-2] + ["--seeds", "0", "1", "2", "--max-minutes", "10", "--results", str(tmp_path / "r")]) == 3
     assert calls == []
+
+
+def test_head_generations_are_compared_per_kind_against_the_seed_spread():
+    from vispec.demo.sweep import generation_report
+
+    def run(tau2, tau3):
+        methods = {"plain": {"tau": None, "speedup": 1.0}, "vispec": {"tau": tau2, "speedup": 1.5},
+                   "vispec-eagle3": {"tau": tau3, "speedup": 1.6}, "eagle": {"tau": 2.0, "speedup": 1.4}}
+        return {"results": {"0": methods}}
+
+    one = generation_report(aggregate({576: [run(2.7, 2.5)]}), 576)
+    assert "| 0 | ViSpec | 2.70 (2.70-2.70, 1) | 2.50 (2.50-2.50, 1) | -0.20 | fewer than 2 seeds of one: no spread yet |" in one
+    assert not any("EAGLE-2 |" in r.split("|")[2] for r in one if r.startswith("| 0 |"))  # EAGLE-2 has no EAGLE-3 run
+    apart = generation_report(aggregate({576: [run(2.7, 3.0), run(2.6, 3.1)]}), 576)
+    assert any(r.endswith("| +0.40 | EAGLE-3 head ahead, beyond the seed spread |") for r in apart)
+    overlap = generation_report(aggregate({576: [run(2.7, 2.8), run(2.9, 2.6)]}), 576)
+    assert any(r.endswith("| within the seed spread |") for r in overlap)
+    assert generation_report(aggregate({576: [bench(576, 3.0, 2.0)]}), 576) == []  # no EAGLE-3 head yet: no section

@@ -493,8 +493,9 @@ def write_demo(res, args, label):
         "tau = accepted draft tokens per target forward (bonus excluded; EAGLE's 'acceptance length' is tau + 1). "
         "Speedup = tokens/s over model.generate's, same run, methods interleaved per prompt.",
         "",
-        f"Demo model fact accuracy on its greedy answers: **{g / max(n, 1):.1%}** ({g} of {n} facts); per prompt: "
-        f"{per_prompt}.",
+        (f"Demo model fact accuracy on its greedy answers: **{g / n:.1%}** ({g} of {n} facts); per prompt: "
+         f"{per_prompt}." if n else "Demo model fact accuracy: not measured (no temperature-0 run, or no fact in "
+         "its answers)."),
         "",
     ]
     for temp, acc in res["results"].items():

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import drafter_label, drafter_names, drafters_dir
+from . import DRAFTER_KINDS, drafter_dir_name, drafter_label, drafter_names, drafters_dir
 from .model import GEOMETRY, vision_weights_path, weights_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,11 +102,43 @@ def ablation_report(reference: dict, ablations: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def generation_report(agg: dict, tokens: int) -> list[str]:
+    """Each kind's EAGLE-2 head against its EAGLE-3 head at ``tokens`` image tokens (same data and budget), per
+    temperature: tau as mean (min-max, n) over seeds, and whether the difference is larger than that spread (the
+    ranges do not overlap, with at least two seeds each) or not."""
+    def cell(v):
+        return "-" if v is None else f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f}, {v[3]})"
+
+    rows = []
+    for temp, methods in agg.items():
+        for kind in DRAFTER_KINDS:
+            two, three = (methods.get(drafter_dir_name(kind, g), {}).get(tokens, {}).get("tau") for g in (2, 3))
+            if two is None or three is None:
+                continue
+            if min(two[3], three[3]) < 2:
+                verdict = "fewer than 2 seeds of one: no spread yet"
+            elif three[1] > two[2] or two[1] > three[2]:
+                verdict = f"EAGLE-{3 if three[0] > two[0] else 2} head ahead, beyond the seed spread"
+            else:
+                verdict = "within the seed spread"
+            rows.append(f"| {temp} | {drafter_label(kind)} | {cell(two)} | {cell(three)} | {three[0] - two[0]:+.2f} | "
+                        f"{verdict} |")
+    if not rows:
+        return []
+    return [f"## Head generations ({tokens} image tokens, same data and training budget)", "",
+            "tau per kind with the EAGLE-2 head (one layer over the last hidden state) and the EAGLE-3 head (three fused "
+            "target layers, training-time test): mean (min-max, n seeds).", "",
+            "| temperature | kind | EAGLE-2 head | EAGLE-3 head | EAGLE-3 - EAGLE-2 | verdict |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
 def report(agg: dict, label: str) -> list[str]:
     lines = [f"# The image-token sweep on {label}", "",
              "Same recipe (vision training, data, drafter training, tree) at each image-token count; tau = accepted "
              "draft tokens per target forward (bonus excluded), speedup over model.generate in the same run. "
-             "Cells: mean (min-max over seeds, n seeds).", ""]
+             "Cells: mean (min-max, n): over the benchmark runs of that method, one per training seed (EAGLE-2 and "
+             "EAGLE-3 heads are methods of their own); prompt lookup trains nothing and is measured in every run, "
+             "so its n counts runs and its spread is the machine's.", ""]
     for temp, methods in agg.items():
         counts = sorted({t for per in methods.values() for t in per})
         lines += [f"## temperature {temp}", "", "| method | metric | " + " | ".join(f"{t} tokens" for t in counts) + " |",
@@ -271,6 +303,9 @@ def main(argv=None) -> int:
     reference = state / "bench-seed0-gen2.json"
     ablations = {a: json.loads((state / f"bench-ablation-{a}.json").read_text()) for a in args.ablations
                  if (state / f"bench-ablation-{a}.json").is_file()}
+    generations = generation_report(agg, biggest)
+    if generations:
+        lines += [""] + generations
     if reference.is_file() and ablations:
         lines += [""] + ablation_report(json.loads(reference.read_text()), ablations)
     out.write_text("\n".join(lines) + "\n")
