@@ -306,101 +306,101 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 255 registers: no spills o
     const bool is_tree = ti >= n_prefix_tiles;
     const int64_t start = tile_start(ti);
     const int nk = tile_keys(ti);
-    if (!warp_live) {  // warp-uniform: a slab of padding rows only takes part in the loads and barriers
-      __syncthreads();
-      continue;
-    }
+    // Every thread of the block meets each barrier at the same instruction (one call site per barrier: a
+    // conditional barrier is undefined behaviour that compute-sanitizer's synccheck flags); a warp whose slab
+    // holds padding rows only takes part in the loads and the barriers.
+    if (warp_live) {
+      // ---- S = Q K^T: 16 rows x 64 keys per warp ----
+      float s[kKN][4];
+#pragma unroll
+      for (int j = 0; j < kKN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      {
+        // Matrices (k_addr0): (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15)
+        // of a 16-key pair of octets = b0, b1 of the first octet, b0, b1 of the second.
+        const unsigned kaddr = k_addr0 + st * kStageBytes;
+#pragma unroll
+        for (int kk = 0; kk < kDK; ++kk) {
+#pragma unroll
+          for (int jp = 0; jp < kKN / 2; ++jp) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, kaddr + (jp * 16 * kStride + kk * 16) * static_cast<unsigned>(sizeof(T)));
+            mma_16816<T>(s[2 * jp], qf[kk], kb[0], kb[1]);
+            mma_16816<T>(s[2 * jp + 1], qf[kk], kb[2], kb[3]);
+          }
+        }
+      }
 
-    // ---- S = Q K^T: 16 rows x 64 keys per warp ----
-    float s[kKN][4];
+      // ---- online softmax of rows g (i = 0) and g + 8 (i = 1); a row's 64 scores sit on a quad of lanes ----
+      uint32_t pf[kKN][2];  // P as T pairs: pf[j][i] = keys 8j + 2c, +1 of row i
 #pragma unroll
-    for (int j = 0; j < kKN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    {
-      // Matrices (k_addr0): (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15)
-      // of a 16-key pair of octets = b0, b1 of the first octet, b0, b1 of the second.
-      const unsigned kaddr = k_addr0 + st * kStageBytes;
-#pragma unroll
-      for (int kk = 0; kk < kDK; ++kk) {
-#pragma unroll
-        for (int jp = 0; jp < kKN / 2; ++jp) {
-          uint32_t kb[4];
-          ldmatrix_x4(kb, kaddr + (jp * 16 * kStride + kk * 16) * static_cast<unsigned>(sizeof(T)));
-          mma_16816<T>(s[2 * jp], qf[kk], kb[0], kb[1]);
-          mma_16816<T>(s[2 * jp + 1], qf[kk], kb[2], kb[3]);
+      for (int i = 0; i < 2; ++i) {
+        uint64_t bits = ~0ull;  // prefix keys need no mask
+        if (is_tree) {
+          bits = 0;  // padding rows and words past W see no tree key
+          const int64_t w0 = 2 * static_cast<int64_t>(ti - n_prefix_tiles);  // 64 keys = mask words w0, w0 + 1
+          if (node_of[i] >= 0) {
+            if (w0 < p.mask_words) bits |= static_cast<uint32_t>(mrow[i][w0]);
+            if (w0 + 1 < p.mask_words) bits |= static_cast<uint64_t>(static_cast<uint32_t>(mrow[i][w0 + 1])) << 32;
+          }
         }
-      }
-    }
-
-    // ---- online softmax of rows g (i = 0) and g + 8 (i = 1); a row's 64 scores sit on a quad of lanes ----
-    uint32_t pf[kKN][2];  // P as T pairs: pf[j][i] = keys 8j + 2c, +1 of row i
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      uint64_t bits = ~0ull;  // prefix keys need no mask
-      if (is_tree) {
-        bits = 0;  // padding rows and words past W see no tree key
-        const int64_t w0 = 2 * static_cast<int64_t>(ti - n_prefix_tiles);  // 64 keys = mask words w0, w0 + 1
-        if (node_of[i] >= 0) {
-          if (w0 < p.mask_words) bits |= static_cast<uint32_t>(mrow[i][w0]);
-          if (w0 + 1 < p.mask_words) bits |= static_cast<uint64_t>(static_cast<uint32_t>(mrow[i][w0 + 1])) << 32;
-        }
-      }
-      // Keys of the tile before lo are older than the row's sliding window (prefix tiles only).
-      const int64_t lo64 = is_tree ? 0 : first_key[i] - start;
-      const int lo = lo64 <= 0 ? 0 : (lo64 >= kKeys ? kKeys : static_cast<int>(lo64));
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kKN; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kl = 8 * j + 2 * c + e;
-          const bool vis = kl < nk && kl >= lo && ((bits >> kl) & 1ull);
-          const float v = vis ? s[j][2 * i + e] * qk_scale : -INFINITY;
-          nan_seen[i] = nan_seen[i] || isnan(v);
-          s[j][2 * i + e] = v;
-          mx = fmaxf(mx, v);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[i], mx);
-      float alpha = 1.0f;
-      float sum = 0.0f;
-      if (m_new != -INFINITY) {  // quad-uniform; else nothing visible yet and the state stays (-inf, 0, 0)
-        alpha = exp2f(m[i] - m_new);  // m[i] = -inf -> 0, harmless: l = o = 0 then
+        // Keys of the tile before lo are older than the row's sliding window (prefix tiles only).
+        const int64_t lo64 = is_tree ? 0 : first_key[i] - start;
+        const int lo = lo64 <= 0 ? 0 : (lo64 >= kKeys ? kKeys : static_cast<int>(lo64));
+        float mx = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kKN; ++j) {
-          const float p0 = exp2f(s[j][2 * i] - m_new);  // invisible -> 0; a NaN score -> NaN (l turns NaN)
-          const float p1 = exp2f(s[j][2 * i + 1] - m_new);
-          sum += p0 + p1;
-          pf[j][i] = pack2<T>(p0, p1);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kl = 8 * j + 2 * c + e;
+            const bool vis = kl < nk && kl >= lo && ((bits >> kl) & 1ull);
+            const float v = vis ? s[j][2 * i + e] * qk_scale : -INFINITY;
+            nan_seen[i] = nan_seen[i] || isnan(v);
+            s[j][2 * i + e] = v;
+            mx = fmaxf(mx, v);
+          }
         }
-      } else {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        float alpha = 1.0f;
+        float sum = 0.0f;
+        if (m_new != -INFINITY) {  // quad-uniform; else nothing visible yet and the state stays (-inf, 0, 0)
+          alpha = exp2f(m[i] - m_new);  // m[i] = -inf -> 0, harmless: l = o = 0 then
 #pragma unroll
-        for (int j = 0; j < kKN; ++j) pf[j][i] = 0u;
-      }
-      m[i] = m_new;
-      l[i] = l[i] * alpha + sum;  // this lane's share of the row sum, reduced over the quad at the end
+          for (int j = 0; j < kKN; ++j) {
+            const float p0 = exp2f(s[j][2 * i] - m_new);  // invisible -> 0; a NaN score -> NaN (l turns NaN)
+            const float p1 = exp2f(s[j][2 * i + 1] - m_new);
+            sum += p0 + p1;
+            pf[j][i] = pack2<T>(p0, p1);
+          }
+        } else {
 #pragma unroll
-      for (int j = 0; j < kDN; ++j) {
-        o[j][2 * i] *= alpha;
-        o[j][2 * i + 1] *= alpha;
+          for (int j = 0; j < kKN; ++j) pf[j][i] = 0u;
+        }
+        m[i] = m_new;
+        l[i] = l[i] * alpha + sum;  // this lane's share of the row sum, reduced over the quad at the end
+#pragma unroll
+        for (int j = 0; j < kDN; ++j) {
+          o[j][2 * i] *= alpha;
+          o[j][2 * i + 1] *= alpha;
+        }
       }
-    }
 
-    // ---- O += P V: A = P for keys 16 kk .. 16 kk + 15 (octets 2 kk, 2 kk + 1), B = V by ldmatrix.trans ----
-    {
-      // Matrices (v_addr0): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15)
-      // of a 16 x 16 block = b0, b1 of d octet 2 dn, b0, b1 of d octet 2 dn + 1.
-      const unsigned vaddr = v_addr0 + st * kStageBytes;
+      // ---- O += P V: A = P for keys 16 kk .. 16 kk + 15 (octets 2 kk, 2 kk + 1), B = V by ldmatrix.trans ----
+      {
+        // Matrices (v_addr0): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15)
+        // of a 16 x 16 block = b0, b1 of d octet 2 dn, b0, b1 of d octet 2 dn + 1.
+        const unsigned vaddr = v_addr0 + st * kStageBytes;
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+          const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
 #pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, vaddr + (kk * 16 * kStride + dn * 16) * static_cast<unsigned>(sizeof(T)));
-          mma_16816<T>(o[2 * dn], a, vb[0], vb[1]);
-          mma_16816<T>(o[2 * dn + 1], a, vb[2], vb[3]);
+          for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, vaddr + (kk * 16 * kStride + dn * 16) * static_cast<unsigned>(sizeof(T)));
+            mma_16816<T>(o[2 * dn], a, vb[0], vb[1]);
+            mma_16816<T>(o[2 * dn + 1], a, vb[2], vb[3]);
+          }
         }
       }
     }
