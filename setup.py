@@ -39,17 +39,20 @@ def _want_cuda(torch):
     return torch.version.cuda is not None and _find_nvcc() is not None
 
 
-def _cmake_archs(arch_list):
-    """'8.0;9.0+PTX' -> '80-real;90' (CMAKE_CUDA_ARCHITECTURES syntax)."""
+def _arch_list(arch_list):
+    """Checks a TORCH_CUDA_ARCH_LIST such as '8.0;9.0+PTX' (';', ',' or spaces between entries) -> '8.0;9.0+PTX'.
+
+    Torch's CMake config owns the CUDA arch flags: it turns TORCH_CUDA_ARCH_LIST into -gencode flags and sets
+    CMAKE_CUDA_ARCHITECTURES to OFF (with a warning, seen on an H200), so the list reaches nvcc as the CMake
+    variable TORCH_CUDA_ARCH_LIST (before this, a build without the environment variable got torch's list, not ours)."""
     out = []
     for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
         if not item:
             continue
-        ptx = item.endswith("+PTX")
         num = item.removesuffix("+PTX").replace(".", "")
         if not num.isdigit() and not (num[:-1].isdigit() and num[-1] == "a"):
             raise SystemExit(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like '9.0' or '9.0+PTX'")
-        out.append(num if ptx else f"{num}-real")
+        out.append(item)
     return ";".join(out)
 
 
@@ -70,8 +73,8 @@ class CMakeBuild(build_ext):
             f"-DVISPEC_CUDA={'ON' if cuda else 'OFF'}",
         ]
         if cuda:
-            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-            args += [f"-DCMAKE_CUDA_ARCHITECTURES={_cmake_archs(archs)}", f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}"]
+            archs = _arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS)
+            args += [f"-DTORCH_CUDA_ARCH_LIST={archs}", f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}"]
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
