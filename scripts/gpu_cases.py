@@ -3,6 +3,11 @@ and is small enough to run under compute-sanitizer. Exit status 1 names the fail
 
     python scripts/gpu_cases.py --device cuda            # all cases
     python scripts/gpu_cases.py --device cpu --list
+    python scripts/gpu_cases.py --device cuda --errors   # bad input must come back as a Python RuntimeError
+
+--errors probes the C++ error path of each op (a check that fails before any work): on an H200 the first
+CUDA test expecting such an error died with a segfault instead, so the probe runs in a process of its own
+and names each call before making it.
 """
 from __future__ import annotations
 
@@ -93,6 +98,45 @@ def compact_case(device):
     return all(torch.equal(a.cpu(), w) for a, w in zip(ks + vs, list(want_k) + list(want_v)))
 
 
+def error_probes(device):
+    """(name, call, message) per op: each call fails one input check of csrc/validate.cpp."""
+    q = torch.randn(1, 4, 2, 64, device=device)
+    kv = torch.randn(1, 2, 16, 64, device=device)
+    lens = torch.tensor([10], device=device)
+    mask = chain_tree(4, device)
+    logits = torch.randn(1, 4, 50, device=device)
+    tokens = torch.zeros(1, 4, dtype=torch.int64, device=device)
+    parents = torch.tensor([[-1, 0, 1, 2]], device=device)
+    path = torch.tensor([[0, 1]], device=device)
+    alen = torch.tensor([1], device=device)
+    return [
+        ("tree_attention window < N", lambda: ops.tree_attention(q, kv, kv, lens, mask, window=3),
+         "window must be 0"),
+        ("verify_greedy max_accept > N - 1", lambda: ops.verify_greedy(logits, tokens, parents, max_accept=9),
+         "max_accept must be in"),
+        ("verify_sampling max_accept > N - 1", lambda: ops.verify_sampling(logits, tokens, parents, max_accept=9),
+         "max_accept must be in"),
+        ("compact_kv_ aliased caches (bug 4)", lambda: ops.compact_kv_([kv, kv], [kv.clone(), kv.clone()], lens, path, alen),
+         "are the same memory"),
+    ]
+
+
+def probe_errors(device) -> list[str]:
+    """Names of the probes whose call did not raise a RuntimeError with the expected message."""
+    failed = []
+    for name, call, message in error_probes(device):
+        print(f"probe {name} ...", flush=True)
+        try:
+            call()
+            got = "no error"
+        except RuntimeError as e:
+            got = None if message in str(e) else f"another message: {str(e).splitlines()[0]}"
+        print(f"{'ok  ' if got is None else 'FAIL'} {name}" + ("" if got is None else f" ({got})"), flush=True)
+        if got is not None:
+            failed.append(name)
+    return failed
+
+
 CASES = {
     "tree_attention_d80_n64": lambda dev: attention_case(80, 64, 2, 512)(dev),
     "tree_attention_d128_n64": lambda dev: attention_case(128, 64, 2, 512)(dev),
@@ -109,10 +153,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--errors", action="store_true", help="probe the ops' input checks instead of the cases")
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(CASES))
         return 0
+    if args.errors:
+        failed = probe_errors(torch.device(args.device))
+        if failed:
+            print(f"{len(failed)} probe(s) failed: {', '.join(failed)}")
+        return 1 if failed else 0
     failed = []
     for name, fn in CASES.items():
         if args.only and name.split(" ")[0] not in args.only:
