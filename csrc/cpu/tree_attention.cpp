@@ -195,12 +195,13 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
     sc.vp.resize(kTile / 2 * D);
     sc.kt.resize(D / 2 * kTile);
   }
-  // Many rows (DP, or fp32 inputs): Q.K vectorised over keys (K transposed once per tile by gathers,
-  // shared by all rows; no reduction per dot product); with few rows the transposition costs more than
-  // it saves.
+  // Many rows: Q.K vectorised over keys (K transposed once per tile by gathers, shared by all rows; no
+  // reduction per dot product); with few rows the transposition costs more than it saves. bf16 without
+  // DP gathers from the tile converted to fp32 (on a CPU without AVX512_BF16, e.g. Ice Lake, the
+  // per-row path ran at 0.4x SDPA there).
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const bool transposed = (DP || kF32) && R >= 16 && (!DP || kv_stride_s % 2 == 0) && kv_stride_s < (1 << 24);
-  if (kF32 && transposed) sc.ktf.resize(D * kTile);
+  const bool transposed = R >= 16 && (!DP || kv_stride_s % 2 == 0) && kv_stride_s < (1 << 24);
+  if (!DP && transposed) sc.ktf.resize(D * kTile);
   float* Q = sc.q.data();
   float* O = sc.o.data();
   float* Kf = sc.k.data();
@@ -272,6 +273,14 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
       }
       for (int j = nt; j < kTile; ++j)  // a partial last tile: zero keys (their scores are masked to -inf)
         for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(Kf + j * D + dv * 16, _mm512_setzero_ps());
+      if (transposed) {  // K^T from the converted tile
+        for (int j0 = 0; j0 < kTile; j0 += 16) {
+          const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(j0), _mm512_setr_epi32(
+                                                     0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                                                 _mm512_set1_epi32(D));
+          for (int d = 0; d < D; ++d) _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kf + d, 4));
+        }
+      }
     }
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, R - r0));
