@@ -5,6 +5,9 @@
 - GEMM peak: a large torch.mm (MKL / oneDNN) in fp32 and bf16 -- the most FLOP/s the cores deliver.
   tree_attention at N >= 30 is compute-bound: its FLOPs (4 * B * Hq * N * (prefix + N) * D) over this
   peak is a floor on its time, and "1.5x SDPA" is only reachable where SDPA runs below peak / 1.5.
+- Per shape of the kernel table (`<results>/<cpu>.md`, from `vispec bench kernels --device cpu --full`): the
+  floor of tree_attention's time, max(bytes / copy bandwidth, FLOPs / GEMM peak), and how much of it a
+  kernel 1.5x faster than SDPA+mask would need (over 100%: 1.5x is out of reach on this CPU at that shape).
 - verify_sampling's fixed cost: the op on a tiny vocabulary (everything but the row scan), and the
   cost per visited row at a 152k vocabulary, so a B=1 call that visits one row can be split into the two.
 """
@@ -19,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vispec import ops  # noqa: E402
 from vispec.bench import results_dir  # noqa: E402
-from vispec.bench.kernels import device_label, sdpa_with_mask  # noqa: E402
+from vispec.bench.kernels import MODELS, copy_bandwidth, device_label, sdpa_with_mask  # noqa: E402
 
 
 def timed(fn, reps):
@@ -60,6 +63,33 @@ def attention_rate(dtype, hq=32, hkv=32, d=128, b=1, n=60, prefix=1024):
             flops / timed(lambda: sdpa_with_mask(q, k, v, lens, mb), 5) / 1e9)
 
 
+def shape_floors(table: Path, peak: float, roof: float) -> list[str]:
+    """Rows of the floor table for every tree_attention row of the kernel table ``table``. ``peak``: the
+    FLOP/s bound (the best GEMM rate in either dtype: a CPU without bf16 instructions computes bf16 in
+    fp32), ``roof``: bytes/s of a copy."""
+    heads = {m.name: (m.q_heads, m.head_dim) for m in MODELS}
+    text = table.read_text().split("## tree_attention", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    head, body = rows[0], rows[1:]
+    col = {name: i for i, name in enumerate(head)}
+    out = ["| model | B | N | prefix | dtype | floor us (bound) | SDPA+mask us | vispec vs SDPA | 1.5x SDPA needs |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in body:
+        if len(r) != len(head) or r[col["vispec us"]] in ("-", "out of memory"):
+            continue
+        hq, d = heads[r[col["model"]]]
+        b, n, prefix = int(r[col["B"]]), int(r[col["N"]]), int(r[col["prefix"]])
+        flops = 4 * b * hq * n * (prefix + n) * d
+        t_mem, t_flop = float(r[col["MB"]]) * 1e6 / roof, flops / peak
+        floor = max(t_mem, t_flop)
+        sdpa = float(r[col["SDPA+mask us"]]) * 1e-6
+        need = floor / (sdpa / 1.5)
+        out.append(f"| {r[col['model']]} | {b} | {n} | {prefix} | {r[col['dtype']]} | {floor * 1e6:.0f} "
+                   f"({'memory' if t_mem >= t_flop else 'compute'}) | {sdpa * 1e6:.0f} | {r[col['vs SDPA']]} | "
+                   f"{need:.0%} of the floor's rate{' (out of reach)' if need > 1 else ''} |")
+    return out
+
+
 def main() -> int:
     label = device_label(torch.device("cpu"))
     lines = [f"# CPU bounds on {label}", "", f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
@@ -80,6 +110,14 @@ def main() -> int:
               f"| whole call at V = 152064 | {cost[152064] * 1e6:.1f} |",
               f"| the row's own cost (difference): {row_bytes / 1e3:.0f} KB at {row_bytes / per_row / 1e9:.1f} GB/s "
               f"| {per_row * 1e6:.1f} |"]
+    table = results_dir() / f"{label}.md"
+    if table.is_file():
+        roof = copy_bandwidth(torch.device("cpu")) * 1e9
+        lines += ["", f"## tree_attention: the floor at each shape of `{table.name}`", "",
+                  f"Floor = max(bytes / {roof / 1e9:.1f} GB/s (a copy), FLOPs / {max(peaks.values()):.0f} GFLOP/s (the "
+                  "best GEMM)); the last column is the floor over the time of a kernel 1.5x faster than SDPA+mask, i.e. "
+                  "the share of this CPU's bound such a kernel would have to reach.", ""]
+        lines += shape_floors(table, max(peaks.values()) * 1e9, roof)
     out = results_dir() / f"cpu-bounds-{label}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
