@@ -99,6 +99,21 @@ def test_q_as_the_attention_modules_transposed_view(device):
         ops.tree_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, lens, mask)  # same shape, D strided
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,hq,hkv", [(4, 2, 2), (9, 8, 2)], ids=["few-rows", "many-rows"])
+def test_caches_whose_positions_are_not_head_dim_apart(device, dtype, n, hq, hkv):
+    """K / V held as (B, S, Hkv, D) and viewed as (B, Hkv, S, D): positions Hkv * D apart, not D (the CPU kernel
+    reads fp32 tiles in place, so the row stride must be the cache's)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, lens, mask = make_inputs(2, n, hq, hkv, 128, [70, 9], dtype, device, gen)
+    k_bshd, v_bshd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    ks, vs = k_bshd.transpose(1, 2), v_bshd.transpose(1, 2)  # the same values, stride(2) = Hkv * D
+    assert ks.stride(2) == hkv * 128 and torch.equal(ks, k)
+    check(q, ks, vs, lens, mask, device)
+    torch.testing.assert_close(ops.tree_attention(q, ks, vs, lens, mask), ops.tree_attention(q, k, v, lens, mask),
+                               atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("prefix", [40, 4100])
 def test_nan_keys_poison_the_rows_that_see_them_and_no_others(device, prefix):
     """A NaN key: every row that sees it gets 0 (lse -inf), whatever the split count; a row that does not see it

@@ -205,6 +205,10 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
   float* O = sc.o.data();
   float* Kf = sc.k.data();
   float* Vf = sc.v.data();
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const int64_t kt_stride = kF32 ? kv_stride_s : D;  // row stride of Kt / Vt, the tile's keys
+  const float* Kt = Kf;
+  const float* Vt = Vf;
   // Rows: r <-> (node r / G, head hk * G + r % G), scaled once; window: each row's first visible key.
   int64_t lo_min = L, lo_max = 0;
   for (int64_t r = 0; r < R; ++r) {
@@ -253,20 +257,27 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
         }
       }
     } else {
-      for (int j = 0; j < nt; ++j) {
-        for (int dv = 0; dv < DV; ++dv) {
-          _mm512_storeu_ps(Kf + j * D + dv * 16, load16(k_ptr + (t0 + j) * kv_stride_s + dv * 16));
-          _mm512_storeu_ps(Vf + j * D + dv * 16, load16(v_ptr + (t0 + j) * kv_stride_s + dv * 16));
+      // fp32 reads K and V in the cache where they are (rows kv_stride_s apart); bf16 converts the tile into
+      // Kf / Vf first (rows D apart). Keys past the tile's end read key 0: their scores are set to -inf.
+      if constexpr (!kF32) {
+        for (int j = 0; j < nt; ++j) {
+          for (int dv = 0; dv < DV; ++dv) {
+            _mm512_storeu_ps(Kf + j * D + dv * 16, load16(k_ptr + (t0 + j) * kv_stride_s + dv * 16));
+            _mm512_storeu_ps(Vf + j * D + dv * 16, load16(v_ptr + (t0 + j) * kv_stride_s + dv * 16));
+          }
         }
+        Kt = Kf;
+        Vt = Vf;
+      } else {
+        Kt = reinterpret_cast<const float*>(k_ptr) + t0 * kv_stride_s;
+        Vt = reinterpret_cast<const float*>(v_ptr) + t0 * kv_stride_s;
       }
-      for (int j = nt; j < kTile; ++j)  // a partial last tile: zero keys (their scores are masked to -inf)
-        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(Kf + j * D + dv * 16, _mm512_setzero_ps());
-      if (transposed) {  // K^T from the tile (as fast as gathering from the cache, and one path for both dtypes)
+      if (transposed) {  // K^T by gathers, shared by all rows
         for (int j0 = 0; j0 < kTile; j0 += 16) {
-          const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(j0), _mm512_setr_epi32(
-                                                     0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
-                                                 _mm512_set1_epi32(D));
-          for (int d = 0; d < D; ++d) _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kf + d, 4));
+          alignas(64) int32_t off[16];
+          for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((j0 + j < nt ? j0 + j : 0) * kt_stride);
+          const __m512i idx = _mm512_load_si512(off);
+          for (int d = 0; d < D; ++d) _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kt + d, 4));
         }
       }
     }
@@ -334,7 +345,7 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
             for (int j0 = 0; j0 < kTile; j0 += 16) {
               __m512 acc[16];
               for (int j = 0; j < 16; ++j) {
-                const float* kj = Kf + (j0 + j) * D;
+                const float* kj = Kt + (j0 + j < nt ? j0 + j : 0) * kt_stride;
                 __m512 a = _mm512_mul_ps(_mm512_loadu_ps(kj), qv[0]);
                 for (int dv = 1; dv < DV; ++dv) a = _mm512_fmadd_ps(_mm512_loadu_ps(kj + dv * 16), qv[dv], a);
                 acc[j] = a;
@@ -403,7 +414,7 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
                                    : _mm512_setzero_ps();
           }
           for (int j = 0; j < nt; ++j) {
-            const float* vj = Vf + j * D + d0 * 16;
+            const float* vj = Vt + j * kt_stride + d0 * 16;
             __m512 vv[DH];
             for (int e = 0; e < DH; ++e) vv[e] = _mm512_loadu_ps(vj + e * 16);
             for (int i = 0; i < kRows; ++i) {
