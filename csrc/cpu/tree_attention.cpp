@@ -260,9 +260,11 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
       // fp32 reads K and V in the cache where they are (rows kv_stride_s apart); bf16 converts the tile into
       // Kf / Vf first (rows D apart). Keys past the tile's end read key 0: their scores are set to -inf.
       if constexpr (!kF32) {
+        // The per-row Q.K reads Kf; the transposed one gathers K^T below (bf16 straight from the cache).
+        const bool k_rows = !transposed || !std::is_same_v<T, at::BFloat16>;
         for (int j = 0; j < nt; ++j) {
           for (int dv = 0; dv < DV; ++dv) {
-            _mm512_storeu_ps(Kf + j * D + dv * 16, load16(k_ptr + (t0 + j) * kv_stride_s + dv * 16));
+            if (k_rows) _mm512_storeu_ps(Kf + j * D + dv * 16, load16(k_ptr + (t0 + j) * kv_stride_s + dv * 16));
             _mm512_storeu_ps(Vf + j * D + dv * 16, load16(v_ptr + (t0 + j) * kv_stride_s + dv * 16));
           }
         }
@@ -275,6 +277,21 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
       if (transposed) {  // K^T by gathers, shared by all rows
         for (int j0 = 0; j0 < kTile; j0 += 16) {
           alignas(64) int32_t off[16];
+          if constexpr (std::is_same_v<T, at::BFloat16>) {
+            // bf16 from the cache: one 32-bit gather takes elements (2w, 2w + 1) of 16 keys, split into two fp32
+            // rows of K^T (a bf16 is the top half of its fp32). Byte offsets: any row stride.
+            for (int j = 0; j < 16; ++j)
+              off[j] = static_cast<int32_t>((j0 + j < nt ? j0 + j : 0) * kv_stride_s * static_cast<int64_t>(sizeof(T)));
+            const __m512i idx = _mm512_load_si512(off);
+            const char* kb = reinterpret_cast<const char*>(k_ptr + t0 * kv_stride_s);
+            for (int w = 0; w < D / 2; ++w) {
+              const __m512i g = _mm512_i32gather_epi32(idx, kb + 4 * w, 1);
+              _mm512_storeu_ps(sc.ktf.data() + (2 * w) * kTile + j0, _mm512_castsi512_ps(_mm512_slli_epi32(g, 16)));
+              _mm512_storeu_ps(sc.ktf.data() + (2 * w + 1) * kTile + j0,
+                               _mm512_castsi512_ps(_mm512_and_si512(g, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+            }
+            continue;
+          }
           for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((j0 + j < nt ? j0 + j : 0) * kt_stride);
           const __m512i idx = _mm512_load_si512(off);
           for (int d = 0; d < D; ++d) _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kt + d, 4));
