@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --skip=*) SKIP=",${1#--skip=},"; ;;
     --deadline) DEADLINE=$2; shift ;;
     --logs) LOGS=$2; shift ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

@@ -118,7 +118,8 @@ void tree_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 // One task per (batch row, kv head), tasks spread over the cores (no BLAS inside, so nothing nests).
-// Per tile of kTile keys: K and V converted to fp32 once (L1-resident, shared by the N*G query rows);
+// Per tile of kTile keys: fp32 K and V read in the cache, other dtypes converted to fp32 once (L1-resident,
+// shared by the N*G query rows), K transposed for many rows;
 // per row: 16 keys at a time, 16 dot products accumulated over the head dim and reduced with one 16 x 16
 // transpose-add, the mask written as -inf (tree tile and window only), exp with an exact 0 for -inf, and
 // the P.V update into the row's fp32 accumulator. D is a template parameter (in vectors of 16) so that
@@ -196,9 +197,8 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
     sc.kt.resize(D / 2 * kTile);
   }
   // Many rows: Q.K vectorised over keys (K transposed once per tile by gathers, shared by all rows; no
-  // reduction per dot product); with few rows the transposition costs more than it saves. bf16 without
-  // DP gathers from the tile converted to fp32 (on a CPU without AVX512_BF16, e.g. Ice Lake, the
-  // per-row path ran at 0.4x SDPA there).
+  // reduction per dot product), every dtype (bf16 without DP took the per-row path once and ran at 0.4x
+  // SDPA on Ice Lake); with few rows the transposition costs more than it saves.
   const bool transposed = R >= 16 && (!DP || kv_stride_s % 2 == 0) && kv_stride_s < (1 << 24);
   if (!DP && transposed) sc.ktf.resize(D * kTile);
   float* Q = sc.q.data();
@@ -257,8 +257,8 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
         }
       }
     } else {
-      // fp32 reads K and V in the cache where they are (rows kv_stride_s apart); bf16 converts the tile into
-      // Kf / Vf first (rows D apart). Keys past the tile's end read key 0: their scores are set to -inf.
+      // fp32 reads K and V in the cache where they are (rows kv_stride_s apart); other dtypes convert the tile
+      // into Kf / Vf first (rows D apart). Keys past the tile's end read key 0: their scores are set to -inf.
       if constexpr (!kF32) {
         // The per-row Q.K reads Kf; the transposed one gathers K^T below (bf16 straight from the cache).
         const bool k_rows = !transposed || !std::is_same_v<T, at::BFloat16>;
@@ -290,11 +290,12 @@ void attend_task_avx512(const T* q_ptr, const int64_t* q_stride, const T* k_ptr,
               _mm512_storeu_ps(sc.ktf.data() + (2 * w + 1) * kTile + j0,
                                _mm512_castsi512_ps(_mm512_and_si512(g, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
             }
-            continue;
+          } else {  // fp32 from the cache, fp16 from its converted tile
+            for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((j0 + j < nt ? j0 + j : 0) * kt_stride);
+            const __m512i idx = _mm512_load_si512(off);
+            for (int d = 0; d < D; ++d)
+              _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kt + d, 4));
           }
-          for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((j0 + j < nt ? j0 + j : 0) * kt_stride);
-          const __m512i idx = _mm512_load_si512(off);
-          for (int d = 0; d < D; ++d) _mm512_storeu_ps(sc.ktf.data() + d * kTile + j0, _mm512_i32gather_ps(idx, Kt + d, 4));
         }
       }
     }

@@ -262,21 +262,20 @@ def bench_tree_attention(m, b, n, prefix, device, args, dtype=torch.bfloat16):
     e = q.element_size()
     nbytes = 2 * b * n * m.q_heads * m.head_dim * e + 2 * b * m.kv_heads * s * m.head_dim * e
     attend = lambda: ops.tree_attention(q, k, v, lens, mask)  # noqa: E731
-    ref = None
+    if not args.ref:
+        return time_fn(attend, device), nbytes, None, {}
     extras = {}
-    if args.ref:  # SDPA interleaved with vispec: the ratio is the table's point
-        t, extras["SDPA+mask"] = time_interleaved([attend, lambda: sdpa_with_mask(q, k, v, lens, mask_bool)], device,
-                                                  min_time=0.4)
-        ref = time_fn(lambda: tree_attention_ref(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=5)
-    else:
-        t = time_fn(attend, device)
-        if device.type == "cuda":
-            extras["vispec SIMT"] = time_fn(forced_simt(attend), device)
-            try:
-                extras["flashinfer"] = time_fn(flashinfer_tree_attention(q, k, v, lens, mask_bool), device)
-            except Exception as e:  # noqa: BLE001 - a baseline that cannot run is shown as "-", with why
-                if "flashinfer" in attention_baselines(device):
-                    tqdm.write(f"flashinfer baseline failed at B={b} N={n} prefix={prefix}: {e}", file=sys.stderr)
+    # SDPA interleaved with vispec: the ratio is the table's point
+    t, extras["SDPA+mask"] = time_interleaved([attend, lambda: sdpa_with_mask(q, k, v, lens, mask_bool)], device,
+                                              min_time=0.4)
+    ref = time_fn(lambda: tree_attention_ref(q, k, v, lens, mask_bool), device, min_time=0.05, max_reps=5)
+    if device.type == "cuda":
+        extras["vispec SIMT"] = time_fn(forced_simt(attend), device)
+        try:
+            extras["flashinfer"] = time_fn(flashinfer_tree_attention(q, k, v, lens, mask_bool), device)
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is shown as "-", with why
+            if "flashinfer" in attention_baselines(device):
+                tqdm.write(f"flashinfer baseline failed at B={b} N={n} prefix={prefix}: {e}", file=sys.stderr)
     return t, nbytes, ref, extras
 
 
