@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
+
 #ifndef VISPEC_WITH_CUDA
 #define VISPEC_WITH_CUDA 0
 #endif
@@ -26,6 +28,8 @@ TORCH_LIBRARY(vispec, m) {
   m.def(
       "chain_speculative_sampling(Tensor draft_probs, Tensor draft_tokens, "
       "Tensor target_probs, Tensor uniforms) -> (Tensor, Tensor)");
+  // y (M, N) = x (M, K) @ weight (N, K)^T + bias (N,): fp32, CPU; each row's result independent of M.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // In place on every layer's K and V cache.
   m.def(
       "compact_kv_(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cache_lens, "
@@ -36,4 +40,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "vispec custom ops; they are registered as torch.ops.vispec.* when this module loads";
   m.def("cuda_built", []() { return static_cast<bool>(VISPEC_WITH_CUDA); },
         "Whether this build contains the CUDA kernels.");
+  m.def("cpu_has_avx512", []() {
+#ifdef VISPEC_HAVE_AVX512
+    return vispec::cpu::cpu_has_avx512();
+#else
+    return false;
+#endif
+  }, "Whether the CPU kernels take their AVX-512 bodies (not with VISPEC_NO_AVX512=1).");
 }

@@ -230,4 +230,22 @@ void check_compact_values(const at::Tensor& cache_lens, const at::Tensor& accept
   }
 }
 
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "x must have shape (M, K), got ", shape_str(x));
+  TORCH_CHECK(weight.dim() == 2, "weight must have shape (N, K), got ", shape_str(weight));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "x and weight must be float32, got ", x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be on the CPU, got ", x.device(),
+              " and ", weight.device());
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight has ", weight.size(1), " input features but x has ", x.size(1));
+  TORCH_CHECK(x.stride(1) == 1 && weight.stride(1) == 1, "x and weight must be contiguous in their last dimension");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0),
+                "), got ", shape_str(*bias));
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+}
+
 }  // namespace vispec

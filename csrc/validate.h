@@ -38,4 +38,7 @@ void check_compact(at::TensorList k_caches, at::TensorList v_caches, const at::T
 void check_compact_values(const at::Tensor& cache_lens, const at::Tensor& accept_path,
                           const at::Tensor& accept_len, int64_t max_seq);
 
+// x (M, K), weight (N, K) float32 on the CPU, each contiguous in its last dimension; bias (N,) or none.
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 }  // namespace vispec

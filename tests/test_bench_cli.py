@@ -11,7 +11,7 @@ from vispec.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("suite", ["kernels", "e2e", "drafters"])
+@pytest.mark.parametrize("suite", ["kernels", "linear", "e2e", "drafters"])
 def test_bench_suites_are_commands(suite, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", suite, "--help"])
@@ -19,6 +19,13 @@ def test_bench_suites_are_commands(suite, capsys):
     wrapper = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{suite}.py"), "--help"],
                              capture_output=True, text=True, timeout=120)
     assert wrapper.returncode == 0 and "usage" in wrapper.stdout
+
+
+def test_bench_linear_smoke(tmp_path):
+    out = tmp_path / "linear.md"
+    assert main(["bench", "linear", "--smoke", "--out", str(out)]) in (0, None)
+    text = out.read_text()
+    assert text.count("| SmolLM2-135M") == 4 and "speedup" in text  # 2 shapes x 2 row counts
 
 
 def test_unknown_suite_and_results_folder(tmp_path, monkeypatch):

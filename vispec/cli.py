@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import SUITES
 
-    bn = sub.add_parser("bench", help="the benchmarks: kernels (op microbenchmarks), e2e (end to end), drafters, "
+    bn = sub.add_parser("bench", help="the benchmarks: kernels (op microbenchmarks), linear (few-row CPU linear), e2e (end to end), drafters, "
                         "attention (where a drafter attends: image or text)", add_help=False)
     bn.add_argument("suite", choices=list(SUITES))
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (vispec bench SUITE --help)")

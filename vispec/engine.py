@@ -14,6 +14,7 @@ follows the target's (temperature / top-k / top-p processed) distribution.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from . import ops
 from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTree, PrefillInputs, TreeConfig
+from .linear import few_row_linears
 from .models import Adapter, adapter_for
 from .models.base import gather_positions
 from .sampler import Sampler
@@ -266,7 +268,9 @@ def generate(
     clock = Clock(stats, device, profile)
     cache = TreeCache(adapter.num_layers, b, p + req.max_new_tokens + req.tree.num_nodes + 1, device)
     layers = getattr(drafter, "feature_layers", None)
-    with adapter.tree_attention():
+    # Eager forwards run their few-row linear layers on vispec's CPU kernel (a compiled one keeps what it traced).
+    linears = contextlib.nullcontext() if compile else few_row_linears(model, drafter)
+    with adapter.tree_attention(), linears:
         with adapter.capture_layers(layers) as cap:
             pre = adapter.prefill(req.lp_ids, req.lp_mask, req.model_inputs, cache)
         features = pre.hidden if cap is None else cap.features()

@@ -26,11 +26,18 @@ __all__ = [
     "verify_sampling",
     "chain_speculative_sampling",
     "compact_kv_",
+    "linear",
     "pack_tree_mask",
     "tree_mask_from_parents",
     "check_tree",
     "cuda_built",
+    "cpu_has_avx512",
 ]
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the CPU kernels run their AVX-512 bodies here (``VISPEC_NO_AVX512=1`` forces the portable ones)."""
+    return bool(_C.cpu_has_avx512())
 
 
 def cuda_built() -> bool:
@@ -246,6 +253,23 @@ def compact_kv_(
     return new_lens
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for fp32 CPU tensors, built for few rows (a tree verification's).
+
+    x ``(..., K)``; weight ``(N, K)``; bias ``(N,)`` or None. Each row's output depends on that row
+    alone, in a fixed order of operations: it is bit-identical whatever the number of rows it is computed
+    with. Rounding differs from torch's BLAS (a few ulps of fp32).
+    """
+    if x.dim() == 0:
+        raise ValueError("linear: x must have at least one dimension (..., K)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 0 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.vispec.linear(x2, weight, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
 # ---------------------------------------------------------------------------
 # Fake (meta) implementations, so torch.compile(fullgraph=True) traces the ops
 # ---------------------------------------------------------------------------
@@ -278,6 +302,11 @@ def _verify_sampling_fake(target_logits, draft_tokens, parents, uniforms, temper
 def _chain_fake(draft_probs, draft_tokens, target_probs, uniforms):
     b, k = draft_tokens.shape
     return draft_tokens.new_empty((b, k + 1)), draft_tokens.new_empty((b,))
+
+
+@torch.library.register_fake("vispec::linear")
+def _linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("vispec::compact_kv_")

@@ -1,10 +1,10 @@
-"""Benchmarks shipped with the package: ``vispec bench kernels | e2e | drafters | attention [options]`` (the scripts
+"""Benchmarks shipped with the package: ``vispec bench kernels | linear | e2e | drafters | attention [options]`` (the scripts
 under ``benchmarks/`` in a source checkout are thin wrappers of these modules)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-SUITES = ("kernels", "e2e", "drafters", "attention")
+SUITES = ("kernels", "linear", "e2e", "drafters", "attention")
 
 
 def results_dir() -> Path:
