@@ -76,3 +76,18 @@ def test_demo_run_resumes_from_its_journal(tmp_path, monkeypatch):
     # Other settings: refused before any measurement, naming what differs.
     with pytest.raises(ValueError, match="max_new"):
         main([("9" if a == "8" else a) for a in argv])
+
+
+def test_demo_tree_sweep_reports_every_shape_per_drafter(tmp_path):
+    out = tmp_path / "r.md"
+    main(TINY + ["--temperatures", "0", "--prefill-pairs", "0", "--tree-sweep", "1", "--sweep-trees", "6,4,2", "5,5,1",
+                 "--journal", str(tmp_path / "j.jsonl"), "--out", str(out)])
+    text = out.read_text()
+    section = text[text.index("## speedup against tree shape"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "tree (total" not in line]
+    assert len(rows) == 3 * 2 and all(r.endswith("| yes |") for r in rows)  # 3 drafters x 2 shapes, all identical
+    assert "| (6, 4, 2) |" in section and "| (5, 5, 1) |" in section
+    keys = [json.loads(line).get("key") for line in (tmp_path / "j.jsonl").read_text().splitlines()[1:]]
+    assert "tree_sweep" in keys
+    with pytest.raises(SystemExit):
+        main(TINY + ["--tree-sweep", "1", "--sweep-trees", "5,5"])

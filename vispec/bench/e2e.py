@@ -379,9 +379,32 @@ def run_demo(args, device):
         return taus
 
     sweep = {k: unit(f"depth_sweep/{k}", lambda: sweep_unit(d)) for k, d in first.items()} if args.depth_sweep else {}
+
+    def tree_sweep_unit():
+        """Speedup and tau per tree shape (T=0): per pair, model.generate, then every drafter with every tree in
+        turn, so the shapes' ratios share the pair and the machine's drift."""
+        trees = [TreeConfig(*t) for t in args.sweep_trees]
+        acc = {"plain": [0.0, 0]} | {f"{k}/{list(vars(t).values())}": [0.0, 0, 0, 0, True] for k in first for t in trees}
+        for scene, q, inp in pairs[: args.tree_sweep]:
+            p = inp["input_ids"].shape[1]
+            ref, t_plain = timed(lambda: model.generate(**inp, max_new_tokens=max_new, do_sample=False), device)
+            acc["plain"][0] += t_plain
+            acc["plain"][1] += ref.shape[1] - p
+            for k, d in first.items():
+                for t in trees:
+                    o, dt = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=t), device)
+                    a = acc[f"{k}/{list(vars(t).values())}"]
+                    a[0] += dt
+                    a[1] += o.sequences.shape[1] - p
+                    a[2] += o.stats.accepted_draft_tokens
+                    a[3] += o.stats.row_steps
+                    a[4] &= torch.equal(o.sequences, ref)
+        return acc
+
+    tree_sweep = unit("tree_sweep", tree_sweep_unit) if args.tree_sweep else {}
     return dict(results=results, sweep=sweep, facts=facts, tree=tree, names=names, n_pairs=len(pairs),
                 n_prompts=len(PROMPTS), per_pair=per_pair, prefill_frac=prefill_frac, batched=batched,
-                text_only=text_only, image_tokens=args.image_tokens)
+                text_only=text_only, tree_sweep=tree_sweep, image_tokens=args.image_tokens)
 
 
 class Stopped(Exception):
@@ -412,6 +435,7 @@ def demo_journal(args, sources, tree, device):
                   vision=file_digest(args.vision_weights or vision_weights_path(args.image_tokens)),
                   drafters=files, tree=list(vars(tree).values()), prefill_pairs=args.prefill_pairs,
                   batch_groups=args.batch_groups, text_only=args.text_only, depth_sweep=args.depth_sweep,
+                  **({"tree_sweep": args.tree_sweep, "sweep_trees": args.sweep_trees} if args.tree_sweep else {}),
                   max_depth=args.max_depth)
     return Journal(args.journal, config)
 
@@ -565,6 +589,17 @@ def write_demo(res, args, label):
         for k, taus in res["sweep"].items():
             lines.append(f"| {names[k]} | " + " | ".join(f"{t + 1:.2f}" for t in taus) + " |")
         lines.append("")
+    if res.get("tree_sweep"):
+        ts = res["tree_sweep"]
+        base = ts["plain"][1] / ts["plain"][0]
+        lines += [f"## speedup against tree shape (temperature 0, first {args.tree_sweep} pairs, every shape run in turn "
+                  "on each pair)", "", "| drafter | tree (total, depth, top-k) | tau | speedup | identical |",
+                  "|---|---|---|---|---|"]
+        for key, (t, n, a, st, same) in ((k, v) for k, v in ts.items() if k != "plain"):
+            kind, _, shape = key.partition("/")
+            lines.append(f"| {names[kind]} | ({shape.strip('[]')}) | {a / max(st, 1):.2f} | {n / t / base:.2f}x | "
+                         f"{'yes' if same else 'NO'} |")
+        lines.append("")
     return lines, names
 
 
@@ -609,6 +644,10 @@ def main(argv=None):
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="demo suite")
     ap.add_argument("--demo-tree", type=int, nargs=3, default=None, metavar=("TOTAL", "DEPTH", "TOPK"))
     ap.add_argument("--depth-sweep", type=int, default=16, help="demo suite: prompts in the depth sweep (0: none)")
+    ap.add_argument("--tree-sweep", type=int, default=0, help="demo suite: pairs timing every --sweep-trees shape (T=0)")
+    ap.add_argument("--sweep-trees", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="+",
+                    default=[(12, 5, 4), (8, 4, 3), (6, 4, 2), (5, 5, 1)], metavar="TOTAL,DEPTH,TOPK",
+                    help="demo suite: the tree shapes of --tree-sweep")
     ap.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS,
                     help="demo suite: the demo VLM's image tokens per image")
     ap.add_argument("--vision-weights", type=Path, default=None, help="demo suite: default the package's for --image-tokens")
@@ -649,8 +688,16 @@ def main(argv=None):
         args.max_new = 160 if args.suite == "demo" else 96
     if args.quick:
         args.prompts, args.max_new, args.images, args.depth_sweep = 2, 32, 2, 2
-    if min(args.images, args.prompts, args.max_new, args.max_depth) < 1 or args.depth_sweep < 0:
-        ap.error("--images, --prompts, --max-new, --max-depth must be >= 1 and --depth-sweep >= 0")
+        args.tree_sweep = min(args.tree_sweep, 2)
+    if min(args.images, args.prompts, args.max_new, args.max_depth) < 1 or min(args.depth_sweep, args.tree_sweep) < 0:
+        ap.error("--images, --prompts, --max-new, --max-depth must be >= 1, --depth-sweep and --tree-sweep >= 0")
+    for t in args.sweep_trees:
+        if len(t) != 3:
+            ap.error(f"--sweep-trees: {','.join(map(str, t))} is not TOTAL,DEPTH,TOPK")
+        try:
+            TreeConfig(*t)
+        except ValueError as e:
+            ap.error(f"--sweep-trees {','.join(map(str, t))}: {e}")
     if args.suite == "demo" and args.dtype:
         ap.error("--dtype: the demo suite runs the demo VLM in float32, as `vispec demo` does")
     if any(t < 0 for t in args.temperatures):
