@@ -161,3 +161,28 @@ with few_row_linears(torch.nn.Linear(4, 4)) as n:
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VISPEC_NO_AVX512": "1"},
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr[-2000:]
+
+
+@needs_avx512
+def test_generate_runs_the_target_and_drafter_linears_on_the_kernel(monkeypatch):
+    """The engine's use of the routing: inside vispec.generate the tree forwards' linears reach the kernel (the
+    target's and the drafter's), the output is still model.generate's, and the layers are restored after."""
+    import tiny_models as T
+    import vispec
+    import vispec.linear as vl
+    from vispec.drafters import TreeConfig
+
+    model = T.llama()
+    inputs = T.text_inputs([7], seed=1)
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    drafter = vispec.EagleDrafter.from_target(model, seed=0)
+    calls = []
+    real = vl.ops.linear
+    monkeypatch.setattr(vl.ops, "linear", lambda x, w, b=None: calls.append(w) or real(x, w, b))
+    out = vispec.generate(model, drafter, **inputs, max_new_tokens=16, tree=TreeConfig(10, 3, 4))
+    assert torch.equal(out.sequences, ref)
+    target_w = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
+    drafter_w = {id(m.weight) for m in drafter.modules() if type(m) is nn.Linear} - target_w
+    used = {id(w) for w in calls}
+    assert used & target_w and used & drafter_w
+    assert all("forward" not in m.__dict__ for m in [*model.modules(), *drafter.modules()])

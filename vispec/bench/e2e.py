@@ -383,17 +383,17 @@ def run_demo(args, device):
     def tree_sweep_unit():
         """Speedup and tau per tree shape (T=0): per pair, model.generate, then every drafter with every tree in
         turn, so the shapes' ratios share the pair and the machine's drift."""
-        trees = [TreeConfig(*t) for t in args.sweep_trees]
-        acc = {"plain": [0.0, 0]} | {f"{k}/{list(vars(t).values())}": [0.0, 0, 0, 0, True] for k in first for t in trees}
+        trees = {tuple(t): TreeConfig(*t) for t in args.sweep_trees}  # the journal's key of a shape: "<kind>/[T, D, K]"
+        acc = {"plain": [0.0, 0]} | {f"{k}/{list(t)}": [0.0, 0, 0, 0, True] for k in first for t in trees}
         for scene, q, inp in pairs[: args.tree_sweep]:
             p = inp["input_ids"].shape[1]
             ref, t_plain = timed(lambda: model.generate(**inp, max_new_tokens=max_new, do_sample=False), device)
             acc["plain"][0] += t_plain
             acc["plain"][1] += ref.shape[1] - p
             for k, d in first.items():
-                for t in trees:
+                for shape, t in trees.items():
                     o, dt = timed(lambda: vispec.generate(model, d, **inp, max_new_tokens=max_new, tree=t), device)
-                    a = acc[f"{k}/{list(vars(t).values())}"]
+                    a = acc[f"{k}/{list(shape)}"]
                     a[0] += dt
                     a[1] += o.sequences.shape[1] - p
                     a[2] += o.stats.accepted_draft_tokens
